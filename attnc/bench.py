@@ -1,0 +1,138 @@
+"""Side-by-side timing of a compiled variant against FlexAttention, SDPA and eager, shared by `attnc bench` and benchmarks/."""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+PEERS = ("attnc", "flex", "sdpa", "eager")
+
+# Every variant gives flex_attention (and create_block_mask) a new score_mod/mask_mod, and dynamo
+# recompiles per callable; past its default limit of 8 it silently falls back to unfused eager flex,
+# which would time the wrong thing in a suite of several variants. A float a mod closes over (a
+# softcap) becomes a symbolic input unless floats are specialized, and flex's CPU lowering then fails
+# with "unbacked_bindings" (torch 2.13).
+_DYNAMO = dict(recompile_limit=64, specialize_float=True)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work so wall-clock time covers it; a no-op on CPU-only machines."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, warmup=1, reps=5):
+    """Call fn warmup times, then time reps calls; return (median ms, [ms per call])."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples), samples
+
+
+@functools.cache
+def compiled_flex():
+    """torch.compile(flex_attention), built once per process."""
+    return torch.compile(flex_attention)
+
+
+@functools.cache
+def compiled_block_mask():
+    """torch.compile(create_block_mask), built once per process (what `_compile=True` does, minus a new wrapper per call)."""
+    return torch.compile(create_block_mask)
+
+
+def flex_peer(attn, q, k, v, params, *, scale=None, mask_bh=False):
+    """(make_mask, run) for FlexAttention, or None when the variant's normalizer is not softmax.
+
+    make_mask() builds the BlockMask with compiled create_block_mask; run(block_mask) calls compiled
+    flex_attention. The mask is built for B=H=1 and broadcast unless mask_bh says it depends on b or h.
+    """
+    if not attn.flex_compatible:
+        return None
+    score_mod, mask_mod = attn.flex_mods(**params)
+    B, H, Q, KV = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+
+    def make_mask():
+        if mask_mod is None:
+            return None
+        bh = (B, H) if mask_bh else (None, None)
+        with torch._dynamo.config.patch(**_DYNAMO):
+            return compiled_block_mask()(mask_mod, *bh, Q, KV, device=q.device)
+
+    def run(block_mask):
+        with torch._dynamo.config.patch(**_DYNAMO):
+            return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                   enable_gqa=q.shape[1] != k.shape[1])
+    return make_mask, run
+
+
+def sdpa_peer(q, k, v, sdpa_kind, *, scale=None):
+    """A call of F.scaled_dot_product_attention for sdpa_kind 'full' or 'causal'; None for anything else."""
+    if sdpa_kind not in ("full", "causal"):
+        return None
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=sdpa_kind == "causal", scale=scale, enable_gqa=gqa)
+
+
+def eager_peer(attn, q, k, v, params, *, scale=None):
+    """A call of attn.reference: the materialized score matrix, in the input dtype."""
+    return lambda: attn.reference(q, k, v, scale=scale, **params)
+
+
+def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, warmup=1, peers=PEERS, mask_bh=False):
+    """Median ms of attnc and each peer on one input (None where a peer does not apply), plus flex's mask build alone.
+
+    Keys: attnc, flex, sdpa, eager, flex_mask. The flex time excludes create_block_mask; flex_mask is it alone.
+    Warm-up calls absorb compilation, so these are steady-state times.
+    """
+    with torch.inference_mode():
+        out = dict.fromkeys(PEERS + ("flex_mask",))
+        if "attnc" in peers:
+            out["attnc"] = median_ms(lambda: attn(q, k, v, scale=scale, **params), warmup, reps)[0]
+        flex = flex_peer(attn, q, k, v, params, scale=scale, mask_bh=mask_bh) if "flex" in peers else None
+        if flex is not None:
+            make_mask, run = flex
+            if make_mask() is not None:
+                out["flex_mask"] = median_ms(make_mask, warmup, reps)[0]
+            block_mask = make_mask()
+            out["flex"] = median_ms(lambda: run(block_mask), warmup, reps)[0]
+        sdpa = sdpa_peer(q, k, v, sdpa_kind, scale=scale) if "sdpa" in peers else None
+        if sdpa is not None:
+            out["sdpa"] = median_ms(sdpa, warmup, reps)[0]
+        if "eager" in peers:
+            out["eager"] = median_ms(eager_peer(attn, q, k, v, params, scale=scale), warmup, reps)[0]
+    return out
+
+
+def _cell(ms, base):
+    """'12.3 (1.45x)': a peer's ms and its ratio to attnc's (>1 means attnc is faster)."""
+    if ms is None:
+        return "n/a"
+    return f"{ms:.1f} ({ms / base:.2f}x)" if base else f"{ms:.1f}"
+
+
+def format_table(rows, markdown=False):
+    """An aligned text (or markdown) table of bench_variant results; each row also has a 'variant' name."""
+    head = ["variant", "attnc ms", "flex ms", "sdpa ms", "eager ms", "flex mask ms"]
+    body = []
+    for r in rows:
+        base = r.get("attnc")
+        body.append([r["variant"], f"{base:.1f}" if base else "pending",
+                     _cell(r.get("flex"), base), _cell(r.get("sdpa"), base), _cell(r.get("eager"), base),
+                     _cell(r.get("flex_mask"), None)])
+    if markdown:
+        lines = [head, ["---"] + ["---:"] * (len(head) - 1)] + body
+        return "\n".join("| " + " | ".join(row) + " |" for row in lines)
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in body])

@@ -1,0 +1,192 @@
+"""Abstract interpretation of expressions over index ranges: every node becomes a (lo, hi) pair of float64
+tensors that bound its value over a box of (b, h, q_idx, kv_idx); booleans are bounded in {0, 1}.
+
+Used per tile (block sparsity: one box per (query tile, key tile), all tiles at once) and over the whole
+domain (bounds: one box). Sound always; exact for a comparison of one affine form of indices and consts,
+since the tile's index box attains every integer value of such a form between its bounds."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnc.ir import expr as E
+from attnc.ir.expr import Node, Op
+from attnc.passes.sym import canonical
+
+INF = math.inf
+Interval = tuple[torch.Tensor, torch.Tensor]
+MONOTONE = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
+            Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: torch.nn.functional.softplus,
+            Op.RELU: torch.relu, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil}
+
+
+@dataclass
+class Box:
+    """Index ranges: each a (lo, hi) pair of tensors broadcastable to the output grid (inclusive bounds)."""
+    ranges: dict[str, Interval]
+    sizes: dict[str, float]
+    params: dict[str, torch.Tensor]
+    blocks: dict[str, int]          # 'q_idx' / 'kv_idx' -> block size, for per-block param min/max
+
+
+def _t(v) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float64)
+
+
+class Interp:
+    def __init__(self, box: Box):
+        self.box = box
+        self.memo: dict[Node, Interval] = {}
+
+    def __call__(self, n: Node) -> Interval:
+        if n not in self.memo:
+            self.memo[n] = self._eval(n)
+        return self.memo[n]
+
+    def _eval(self, n: Node) -> Interval:
+        op, a = n.op, n.arg
+        if op is Op.CONST:
+            return _t(float(a)), _t(float(a))
+        if op is Op.INDEX:
+            return self.box.ranges[a]
+        if op is Op.SIZE:
+            v = _t(self.box.sizes[a])
+            return v, v
+        if op is Op.LOAD:
+            return self._load(n)
+        if op in E.COMPARE:
+            return self._compare(n)
+        x = [self(s) for s in n.src]
+        if op is Op.ADD:
+            return x[0][0] + x[1][0], x[0][1] + x[1][1]
+        if op is Op.SUB:
+            return x[0][0] - x[1][1], x[0][1] - x[1][0]
+        if op is Op.NEG:
+            return -x[0][1], -x[0][0]
+        if op is Op.MUL:
+            return _hull([_mul(p, q) for p in x[0] for q in x[1]])
+        if op in (Op.FLOORDIV, Op.DIV):
+            return self._div(op, x[0], x[1])
+        if op is Op.MOD:
+            return self._mod(x[0], x[1])
+        if op is Op.MIN:
+            return torch.minimum(x[0][0], x[1][0]), torch.minimum(x[0][1], x[1][1])
+        if op is Op.MAX:
+            return torch.maximum(x[0][0], x[1][0]), torch.maximum(x[0][1], x[1][1])
+        if op is Op.ABS:
+            lo, hi = x[0]
+            return torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, _t(0.0))), torch.maximum(-lo, hi)
+        if op in MONOTONE:
+            f = MONOTONE[op]
+            return f(x[0][0]), f(x[0][1])
+        if op is Op.AND:
+            return torch.minimum(x[0][0], x[1][0]), torch.minimum(x[0][1], x[1][1])
+        if op is Op.OR:
+            return torch.maximum(x[0][0], x[1][0]), torch.maximum(x[0][1], x[1][1])
+        if op is Op.NOT:
+            return 1 - x[0][1], 1 - x[0][0]
+        if op is Op.WHERE:
+            (clo, chi), (alo, ahi), (blo, bhi) = x
+            lo = torch.where(clo >= 1, alo, torch.where(chi <= 0, blo, torch.minimum(alo, blo)))
+            hi = torch.where(clo >= 1, ahi, torch.where(chi <= 0, bhi, torch.maximum(ahi, bhi)))
+            return lo, hi
+        return _t(-INF), _t(INF)          # anything else: no claim
+
+    def _compare(self, n: Node) -> Interval:
+        # compare one canonical affine form against 0, so `2*q >= kv + q` is as exact as `q >= kv`
+        a, b = n.src
+        if n.op in (Op.EQ, Op.NE) and a.dtype == E.BOOL:
+            (alo, ahi), (blo, bhi) = self(a), self(b)
+        else:
+            (alo, ahi) = self(canonical(a - b)) if a.dtype != E.BOOL else self(a)
+            blo = bhi = _t(0.0)
+        if n.op in (Op.GT, Op.GE):
+            (alo, ahi), (blo, bhi) = (blo, bhi), (alo, ahi)
+            op = Op.LT if n.op is Op.GT else Op.LE
+        else:
+            op = n.op
+        if op is Op.LT:
+            return (ahi < blo).double(), (alo < bhi).double()
+        if op is Op.LE:
+            return (ahi <= blo).double(), (alo <= bhi).double()
+        same = (alo == ahi) & (blo == bhi) & (alo == blo)
+        apart = (ahi < blo) | (bhi < alo)
+        if op is Op.EQ:
+            return same.double(), (~apart).double()
+        return apart.double(), (~same).double()
+
+    def _div(self, op, x, y) -> Interval:
+        (alo, ahi), (blo, bhi) = x, y
+        safe = (blo > 0) | (bhi < 0)
+        cands = [p / q for p in (alo, ahi) for q in (blo, bhi)]
+        lo, hi = _hull([torch.nan_to_num(c, nan=0.0) for c in cands])
+        if op is Op.FLOORDIV:
+            lo, hi = torch.floor(lo), torch.floor(hi)
+        return torch.where(safe, lo, _t(-INF)), torch.where(safe, hi, _t(INF))
+
+    def _mod(self, x, y) -> Interval:
+        (alo, ahi), (dlo, dhi) = x, y
+        exact = (dlo == dhi) & (dlo > 0) & (alo > -INF) & (ahi < INF)
+        d = torch.where(exact, dlo, _t(1.0))
+        rlo, rhi = torch.remainder(alo, d), torch.remainder(ahi, d)
+        same_period = exact & (ahi - alo < d) & (rlo <= rhi)
+        full_lo = torch.where(dlo > 0, _t(0.0), _t(-INF))
+        full_hi = torch.where(dlo > 0, dhi - 1, _t(INF))
+        return torch.where(same_period, rlo, full_lo), torch.where(same_period, rhi, full_hi)
+
+    def _load(self, n: Node) -> Interval:
+        """A param's values over the box: per-block min/max along axes indexed by q_idx or kv_idx alone,
+        the whole axis's min/max otherwise."""
+        t = self.box.params[n.arg].detach()
+        t = t.to(torch.float64) if t.dtype != torch.bool else t.to(torch.float64)
+        lo, hi = t, t
+        kept: list[str] = []
+        for axis in reversed(range(t.dim())):
+            idx = n.src[axis]
+            if idx.op is Op.INDEX and idx.arg in self.box.blocks and idx.arg not in kept:
+                kept.insert(0, idx.arg)
+                continue
+            lo, hi = lo.amin(dim=axis), hi.amax(dim=axis)
+        for i, name in enumerate(kept):
+            lo, hi = _blockwise(lo, hi, i, self.box.blocks[name], self.box.ranges[name])
+        if not kept:
+            return lo, hi
+        # lay the kept axes out as the grid: q blocks on dim 0, kv blocks on dim 1
+        if kept == ["kv_idx", "q_idx"]:
+            lo, hi = lo.t(), hi.t()
+        if kept == ["kv_idx"]:
+            lo, hi = lo[None, :], hi[None, :]
+        elif kept == ["q_idx"]:
+            lo, hi = lo[:, None], hi[:, None]
+        return lo, hi
+
+
+def _blockwise(lo: torch.Tensor, hi: torch.Tensor, axis: int, block: int, rng: Interval) -> Interval:
+    """Reduce `axis` into blocks of `block` entries, one per tile of the index range."""
+    ntiles = rng[0].numel()
+    length = int(rng[1].max().item()) + 1
+    lo, hi = lo.narrow(axis, 0, length), hi.narrow(axis, 0, length)
+    pad = ntiles * block - length
+    if pad:
+        lo, hi = _pad_edge(lo, axis, pad), _pad_edge(hi, axis, pad)
+    shape = list(lo.shape)
+    shape[axis:axis + 1] = [ntiles, block]
+    return lo.reshape(shape).amin(dim=axis + 1), hi.reshape(shape).amax(dim=axis + 1)
+
+
+def _pad_edge(x: torch.Tensor, axis: int, pad: int) -> torch.Tensor:
+    reps = [1] * x.dim()
+    reps[axis] = pad
+    return torch.cat([x, x.narrow(axis, x.shape[axis] - 1, 1).repeat(reps)], axis)
+
+
+def _mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(p * q, nan=0.0, posinf=INF, neginf=-INF)   # 0 * inf bounds 0
+
+
+def _hull(xs: list[torch.Tensor]) -> Interval:
+    xs = torch.broadcast_tensors(*xs)
+    s = torch.stack(xs)
+    return s.amin(0), s.amax(0)

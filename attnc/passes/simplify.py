@@ -1,0 +1,104 @@
+"""simplify: cascade -> cascade with canonical map bodies (sympy), folded constants, merged duplicate
+statements, unused statements dropped, and each statement's ranks cut to the ones its body really uses."""
+from __future__ import annotations
+
+from typing import Callable
+
+from attnc.ir import expr as E
+from attnc.ir.cascade import INDEX_RANK, Cascade, Einsum, tensor
+from attnc.ir.expr import BOOL, Node, Op
+from attnc.passes.sym import canonical
+
+_T, _F = E.const(True), E.const(False)
+
+
+def _is(n: Node, v) -> bool:
+    return n.op is Op.CONST and n.arg == v and (n.dtype == BOOL) == isinstance(v, bool)
+
+
+# each rule: node -> replacement or None. The comment states the algebra.
+RULES: list[Callable[[Node], Node | None]] = [
+    lambda n: n.src[1] if n.op is Op.WHERE and n.src[1] == n.src[2] else None,          # where(c, x, x) -> x
+    lambda n: n.src[1] if n.op is Op.WHERE and _is(n.src[0], True) else None,           # where(True, a, b) -> a
+    lambda n: n.src[2] if n.op is Op.WHERE and _is(n.src[0], False) else None,          # where(False, a, b) -> b
+    lambda n: n.src[1] if n.op is Op.AND and _is(n.src[0], True) else None,             # True and x -> x
+    lambda n: n.src[0] if n.op is Op.AND and _is(n.src[1], True) else None,             # x and True -> x
+    lambda n: _F if n.op is Op.AND and (_is(n.src[0], False) or _is(n.src[1], False)) else None,  # False and x -> False
+    lambda n: n.src[1] if n.op is Op.OR and _is(n.src[0], False) else None,             # False or x -> x
+    lambda n: n.src[0] if n.op is Op.OR and _is(n.src[1], False) else None,             # x or False -> x
+    lambda n: _T if n.op is Op.OR and (_is(n.src[0], True) or _is(n.src[1], True)) else None,  # True or x -> True
+    lambda n: n.src[0] if n.op in (Op.AND, Op.OR) and n.src[0] == n.src[1] else None,   # x and x -> x
+    lambda n: n.src[0].src[0] if n.op is Op.NOT and n.src[0].op is Op.NOT else None,    # not not x -> x
+    lambda n: _fold_compare(n),                                                          # 3 < 4 -> True
+]
+
+_CMP = {Op.LT: lambda a, b: a < b, Op.LE: lambda a, b: a <= b, Op.GT: lambda a, b: a > b,
+        Op.GE: lambda a, b: a >= b, Op.EQ: lambda a, b: a == b, Op.NE: lambda a, b: a != b}
+
+
+def _fold_compare(n: Node) -> Node | None:
+    if n.op in _CMP and all(s.op is Op.CONST for s in n.src):
+        return E.const(bool(_CMP[n.op](n.src[0].arg, n.src[1].arg)))
+    if n.op in (Op.EQ, Op.LE, Op.GE) and n.src[0] == n.src[1]:
+        return _T                                                                         # x == x -> True
+    return None
+
+
+def rewrite(root: Node) -> Node:
+    """Apply RULES bottom-up until none fires."""
+    def step(n: Node) -> Node | None:
+        for rule in RULES:
+            out = rule(n)
+            if out is not None:
+                return out
+        return None
+    prev = None
+    while prev != root:
+        prev, root = root, E.substitute(root, step)
+    return root
+
+
+def simplify_body(n: Node) -> Node:
+    return rewrite(canonical(rewrite(n)))
+
+
+def rank_of(c_ranks: dict[str, tuple[str, ...]], s: Einsum) -> tuple[str, ...]:
+    """The ranks a statement's body really depends on, in canonical order."""
+    used = {INDEX_RANK[x.arg] for x in s.body.walk() if x.op is Op.INDEX}
+    for r in s.reads():
+        used |= set(c_ranks[r])
+    if s.name == "QK":
+        used = {"b", "h", "m", "n"}
+    used -= set(s.over)
+    return tuple(r for r in ("b", "h", "m", "n", "f") if r in used)
+
+
+def simplify(c: Cascade) -> Cascade:
+    ranks = {"Q": ("b", "h", "m", "e"), "K": ("b", "h", "n", "e"), "V": ("b", "h", "n", "f")}
+    rename: dict[Node, Node] = {}
+    seen: dict[tuple, str] = {}
+    out: list[Einsum] = []
+    for s in c.stmts:
+        body = E.substitute(s.body, rename) if rename else s.body
+        body = body if s.name == "QK" else simplify_body(body)
+        if body.op in (Op.TENSOR, Op.CONST) and s.reduce is None and s.name not in c.outputs:
+            rename[tensor(s.name, s.body.dtype)] = body          # a copy or a constant: read it directly
+            continue
+        key = (body, s.reduce, s.over, s.running, s.rescale)
+        if key in seen and s.name not in c.outputs:
+            rename[tensor(s.name, body.dtype)] = tensor(seen[key], body.dtype)     # X = Y, same body -> one
+            continue
+        seen[key] = s.name
+        s = s.replace(body=body)
+        s = s.replace(ranks=rank_of(ranks, s))
+        ranks[s.name] = s.ranks
+        out.append(s)
+    return c.replace(stmts=tuple(drop_unused(out, c.outputs)))
+
+
+def drop_unused(stmts: list[Einsum], outputs: tuple[str, ...]) -> list[Einsum]:
+    live = set(outputs)
+    for s in reversed(stmts):
+        if s.name in live:
+            live |= set(s.reads())
+    return [s for s in stmts if s.name in live]

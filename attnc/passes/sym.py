@@ -1,0 +1,132 @@
+"""Node <-> sympy. Arithmetic goes to sympy; everything else (loads, comparisons, where, // and %) stays
+opaque as a symbol whose operands are converted on their own."""
+from __future__ import annotations
+
+import math
+
+import sympy
+
+from attnc.ir import expr as E
+from attnc.ir.expr import FLOAT, INT, Node, Op
+
+_FUNCS = {Op.EXP: sympy.exp, Op.LOG: sympy.log, Op.TANH: sympy.tanh}
+_BACK = {sympy.exp: Op.EXP, sympy.log: Op.LOG, sympy.tanh: Op.TANH}
+
+
+class SymMap:
+    """One conversion context: opaque nodes and leaves get stable symbols, and come back unchanged."""
+
+    def __init__(self):
+        self.to_node: dict[sympy.Symbol, Node] = {}
+        self.to_sym: dict[Node, sympy.Symbol] = {}
+
+    def symbol(self, n: Node, name: str | None = None) -> sympy.Symbol:
+        if n not in self.to_sym:
+            base = name or f"_t{len(self.to_sym)}"
+            kw = {"integer": True} if n.dtype == INT else {"real": True}
+            if n.op is Op.SIZE and n.dtype == INT:
+                kw = {"integer": True, "positive": True}
+            if n.op is Op.INDEX:
+                kw = {"integer": True, "nonnegative": True}
+            s = sympy.Symbol(base, **kw)
+            self.to_sym[n], self.to_node[s] = s, n
+        return self.to_sym[n]
+
+    # -- Node -> sympy --
+    def to(self, n: Node) -> sympy.Expr:
+        op = n.op
+        if op is Op.CONST and n.dtype != E.BOOL and math.isfinite(n.arg):
+            return sympy.Integer(n.arg) if n.dtype == INT else sympy.Float(n.arg)
+        if op in (Op.INDEX, Op.SIZE, Op.TENSOR):
+            return self.symbol(n, str(n.arg))
+        if op is Op.SCORE:
+            return self.symbol(n, "score")
+        if op is Op.ADD:
+            return self.to(n.src[0]) + self.to(n.src[1])
+        if op is Op.SUB:
+            return self.to(n.src[0]) - self.to(n.src[1])
+        if op is Op.MUL:
+            return self.to(n.src[0]) * self.to(n.src[1])
+        if op is Op.NEG:
+            return -self.to(n.src[0])
+        if op is Op.DIV:
+            return self.to(n.src[0]) / self.to(n.src[1])
+        if op is Op.POW and n.src[1].op is Op.CONST and n.src[1].dtype == INT:
+            return self.to(n.src[0]) ** n.src[1].arg
+        if op in _FUNCS and n.src[0].dtype == FLOAT:
+            return _FUNCS[op](self.to(n.src[0]))
+        # opaque: convert operands on their own, then name the rebuilt node
+        srcs = tuple(self.back(self.to(s), s.dtype) for s in n.src)
+        return self.symbol(E.make(op, *srcs, arg=n.arg) if srcs else n)
+
+    # -- sympy -> Node --
+    def back(self, x: sympy.Expr, want: str = FLOAT) -> Node:
+        node = self._back(x)
+        if want == FLOAT and node.dtype == INT and node.op is Op.CONST:
+            return E.const(float(node.arg))
+        return node
+
+    def _back(self, x: sympy.Expr) -> Node:
+        if x in self.to_node:
+            return self.to_node[x]
+        if x.is_Integer:
+            return E.const(int(x))
+        if x.is_Rational:
+            return E.make(Op.DIV, E.const(int(x.p)), E.const(int(x.q)))
+        if x.is_Float:
+            return E.const(float(x))
+        if x.is_Add:
+            pos, neg = [], []
+            for t in x.as_ordered_terms():
+                c, rest = t.as_coeff_Mul()
+                (neg if c < 0 else pos).append(t if c >= 0 else -t)
+            out = self._back(pos[0]) if pos else -self._back(neg.pop(0))
+            for t in pos[1:]:
+                out = out + self._back(t)
+            for t in neg:
+                out = out - self._back(t)
+            return out
+        if x.is_Mul:
+            c, rest = x.as_coeff_Mul()
+            if c < 0:
+                return -self._back(-x)
+            num, den = [], []
+            for f in sympy.Mul.make_args(rest):
+                if f.is_Pow and f.exp.is_Integer and f.exp < 0:
+                    den.append(f.base ** -f.exp)
+                else:
+                    num.append(self._back(f))
+            p, q = (int(c.p), int(c.q)) if c.is_Rational else (c, 1)
+            out = None if p == 1 else self._back(sympy.sympify(p))
+            for f in num:
+                out = f if out is None else out * f
+            out = E.const(1) if out is None else out
+            for f in den:
+                out = out / self._back(f)
+            return out / E.const(q) if q != 1 else out
+        if x.is_Pow:
+            base, ex = self._back(x.base), x.exp
+            if ex == sympy.Rational(1, 2):
+                return E.make(Op.SQRT, base)
+            if ex == sympy.Rational(-1, 2):
+                return E.make(Op.RSQRT, base)
+            if ex.is_Integer and ex < 0:
+                return E.make(Op.DIV, E.const(1.0), base if ex == -1 else E.make(Op.POW, base, E.const(int(-ex))))
+            return E.make(Op.POW, base, self._back(ex))
+        if x.func in _BACK:
+            return E.make(_BACK[x.func], self._back(x.args[0]))
+        raise NotImplementedError(f"cannot bring {x} back from sympy")
+
+
+def canonical(n: Node) -> Node:
+    """n in sympy's canonical form (terms ordered, constants folded, like terms collected)."""
+    m = SymMap()
+    return m.back(m.to(n), n.dtype)
+
+
+def linear_coeff(n: Node, var: Node) -> float | None:
+    """c if n == c * var + (terms free of var) with c a number, else None."""
+    m = SymMap()
+    x, v = m.to(n), m.symbol(var)
+    d = sympy.diff(x, v)
+    return float(d) if d.is_number else None
