@@ -42,13 +42,13 @@ def median_ms(fn, warmup=1, reps=5):
 @functools.cache
 def compiled_flex():
     """torch.compile(flex_attention), built once per process."""
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.cache
 def compiled_block_mask():
     """torch.compile(create_block_mask), built once per process (what `_compile=True` does, minus a new wrapper per call)."""
-    return torch.compile(create_block_mask)
+    return torch.compile(create_block_mask, dynamic=False)
 
 
 def flex_peer(attn, q, k, v, params, *, scale=None, mask_bh=False):
@@ -92,25 +92,33 @@ def eager_peer(attn, q, k, v, params, *, scale=None):
 def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, warmup=1, peers=PEERS, mask_bh=False):
     """Median ms of attnc and each peer on one input (None where a peer does not apply), plus flex's mask build alone.
 
-    Keys: attnc, flex, sdpa, eager, flex_mask. The flex time excludes create_block_mask; flex_mask is it alone.
-    Warm-up calls absorb compilation, so these are steady-state times.
+    Keys: attnc, flex, sdpa, eager, flex_mask, and max_diff (each peer's largest deviation from attnc's
+    output, or from eager's when attnc is not run: a peer that computes something else shows here).
+    Warm-up calls absorb compilation, so these are steady-state times; flex excludes create_block_mask.
     """
+    out = dict.fromkeys(PEERS + ("flex_mask",))
+    calls = {}
     with torch.inference_mode():
-        out = dict.fromkeys(PEERS + ("flex_mask",))
         if "attnc" in peers:
-            out["attnc"] = median_ms(lambda: attn(q, k, v, scale=scale, **params), warmup, reps)[0]
+            calls["attnc"] = lambda: attn(q, k, v, scale=scale, **params)
         flex = flex_peer(attn, q, k, v, params, scale=scale, mask_bh=mask_bh) if "flex" in peers else None
         if flex is not None:
             make_mask, run = flex
             if make_mask() is not None:
                 out["flex_mask"] = median_ms(make_mask, warmup, reps)[0]
             block_mask = make_mask()
-            out["flex"] = median_ms(lambda: run(block_mask), warmup, reps)[0]
+            calls["flex"] = lambda: run(block_mask)
         sdpa = sdpa_peer(q, k, v, sdpa_kind, scale=scale) if "sdpa" in peers else None
         if sdpa is not None:
-            out["sdpa"] = median_ms(sdpa, warmup, reps)[0]
+            calls["sdpa"] = sdpa
         if "eager" in peers:
-            out["eager"] = median_ms(eager_peer(attn, q, k, v, params, scale=scale), warmup, reps)[0]
+            calls["eager"] = eager_peer(attn, q, k, v, params, scale=scale)
+        for name, fn in calls.items():
+            out[name] = median_ms(fn, warmup, reps)[0]
+        results = {name: fn() for name, fn in calls.items()}
+    base = results.get("attnc", results.get("eager"))
+    out["max_diff"] = {name: (r.float() - base.float()).abs().max().item() for name, r in results.items()
+                       if base is not None and r is not base}
     return out
 
 
@@ -121,18 +129,20 @@ def _cell(ms, base):
     return f"{ms:.1f} ({ms / base:.2f}x)" if base else f"{ms:.1f}"
 
 
-def format_table(rows, markdown=False):
-    """An aligned text (or markdown) table of bench_variant results; each row also has a 'variant' name."""
-    head = ["variant", "attnc ms", "flex ms", "sdpa ms", "eager ms", "flex mask ms"]
-    body = []
-    for r in rows:
-        base = r.get("attnc")
-        body.append([r["variant"], f"{base:.1f}" if base else "pending",
-                     _cell(r.get("flex"), base), _cell(r.get("sdpa"), base), _cell(r.get("eager"), base),
-                     _cell(r.get("flex_mask"), None)])
+def grid(head, body, markdown=False):
+    """An aligned plain-text (or markdown) table from a header row and rows of strings."""
     if markdown:
         lines = [head, ["---"] + ["---:"] * (len(head) - 1)] + body
         return "\n".join("| " + " | ".join(row) + " |" for row in lines)
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in body])
+
+
+def format_table(rows, markdown=False):
+    """A table of bench_variant results, each row also naming its 'variant'; (x) = peer ms / attnc ms, >1: attnc faster."""
+    head = ["variant", "attnc ms", "flex ms", "sdpa ms", "eager ms", "flex mask ms"]
+    body = [[r["variant"], f"{r['attnc']:.1f}" if r.get("attnc") else "pending",
+             _cell(r.get("flex"), r.get("attnc")), _cell(r.get("sdpa"), r.get("attnc")),
+             _cell(r.get("eager"), r.get("attnc")), _cell(r.get("flex_mask"), None)] for r in rows]
+    return grid(head, body, markdown)

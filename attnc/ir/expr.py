@@ -35,6 +35,8 @@ class Op(Enum):
     EXP = auto(); EXP2 = auto(); LOG = auto(); LOG2 = auto(); SQRT = auto(); RSQRT = auto()
     TANH = auto(); SIGMOID = auto(); SOFTPLUS = auto(); RELU = auto(); ABS = auto(); SIGN = auto()
     FLOOR = auto(); CEIL = auto(); MIN = auto(); MAX = auto(); CLAMP = auto()
+    # an integer value used as a float (inserted by backends before printing)
+    TOFLOAT = auto()
     # row statistics (normalizers only): a complete reduction over kv_idx of src[0]
     ROWMAX = auto(); ROWSUM = auto()
 
@@ -131,7 +133,7 @@ def result_dtype(op: Op, srcs: tuple[Node, ...]) -> str:
     """The dtype an op produces from its operands' dtypes (int/float/bool, no widths: backends pick those)."""
     if op in COMPARE or op in LOGIC:
         return BOOL
-    if op in UNARY_FLOAT or op in (Op.DIV, Op.DIVZ) or op in ROWSTAT:
+    if op in UNARY_FLOAT or op in (Op.DIV, Op.DIVZ, Op.TOFLOAT) or op in ROWSTAT:
         return FLOAT
     if op is Op.WHERE:
         a, b = srcs[1].dtype, srcs[2].dtype
@@ -177,6 +179,26 @@ def free_indices(n: Node) -> frozenset[str]:
     """The index variables an expression really depends on (its ranks, in IR terms)."""
     return frozenset(x.arg for x in n.walk() if x.op is Op.INDEX) | (
         frozenset({"b", "h", "q_idx", "kv_idx"}) if n.uses(Op.SCORE) else frozenset())
+
+
+def promote_ints(root: Node) -> Node:
+    """Wrap integer operands of float-valued ops in TOFLOAT, so a backend computes them in its float type."""
+    def fix(n: Node) -> Node | None:
+        if n.dtype != FLOAT or n.op in (Op.LOAD, Op.TOFLOAT) or not any(s.dtype == INT for s in n.src):
+            return None
+        srcs = tuple(Node(Op.TOFLOAT, (s,), dtype=FLOAT) if s.dtype == INT and not (
+            n.op is Op.POW and i == 1) else s for i, s in enumerate(n.src))
+        return Node(n.op, srcs, n.arg, FLOAT, n.loc)
+    return _bottom_up(root, fix)
+
+
+def _bottom_up(root: Node, fix) -> Node:
+    memo: dict[Node, Node] = {}
+    for n in root.walk():
+        srcs = tuple(memo[s] for s in n.src)
+        m = n if srcs == n.src else Node(n.op, srcs, n.arg, n.dtype, n.loc)
+        memo[n] = fix(m) or m
+    return memo[root]
 
 
 def params_used(n: Node) -> list[str]:

@@ -9,7 +9,9 @@ from attnc.ir.expr import Node, Op
 
 ATOM = 100
 
-# op -> (format, precedence). Operands are {0}, {1}, {2}. Precedence follows Python's.
+# op -> (format, precedence[, operand precedence]). Operands are {0}, {1}, {2}; precedence follows
+# Python's. A call-like format that puts an operand next to an operator names the precedence below
+# which that operand needs parentheses.
 INFIX: dict[Op, tuple[str, int]] = {
     Op.OR: ("{0} or {1}", 1), Op.AND: ("{0} and {1}", 2), Op.NOT: ("not {0}", 3),
     Op.LT: ("{0} < {1}", 4), Op.LE: ("{0} <= {1}", 4), Op.GT: ("{0} > {1}", 4),
@@ -26,7 +28,7 @@ CALLS = {op: (f"{op.name.lower()}({{0}})", ATOM) for op in (
 IR_TABLE: dict[Op, tuple[str, int]] = {
     **INFIX, **CALLS,
     Op.MIN: ("min({0}, {1})", ATOM), Op.MAX: ("max({0}, {1})", ATOM),
-    Op.WHERE: ("where({0}, {1}, {2})", ATOM), Op.DIVZ: ("{0} /? {1}", 11),
+    Op.WHERE: ("where({0}, {1}, {2})", ATOM), Op.DIVZ: ("{0} /? {1}", 11), Op.TOFLOAT: ("float({0})", ATOM),
     Op.ROWMAX: ("rowmax({0})", ATOM), Op.ROWSUM: ("rowsum({0})", ATOM),
 }
 
@@ -71,12 +73,14 @@ def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], 
         else:
             if n.op not in table:
                 raise NotImplementedError(f"this target cannot print {n.op.name}")
-            fmt, prec = table[n.op]
+            fmt, prec, *tight = table[n.op]
             parts = []
             for i, s in enumerate(n.src):
                 t, p = go(s)
                 if prec < ATOM and (p < prec or (p == prec and i > 0 and n.op in RIGHT_STRICT)
                                     or (p == prec and i == 0 and n.op is Op.POW) or (p == prec == 4)):
+                    t = f"({t})"
+                elif tight and p < tight[0]:       # an operand the format itself puts next to an operator
                     t = f"({t})"
                 parts.append(t)
             out = (fmt.format(*parts), prec)

@@ -1,0 +1,123 @@
+"""KernelPlan -> plain PyTorch over tiles (templates/torch/forward.py.j2).
+
+Tiles are [B, HKV, GROUP, BLOCK_M, BLOCK_N]: every batch and head at once, the query heads that share a
+kv head stacked so one bmm serves the group (GQA). Index variables are broadcastable aranges."""
+from __future__ import annotations
+
+import math
+
+from attnc.backends.codegen import Target, linearize, render_template
+from attnc.ir import expr as E
+from attnc.ir.expr import Node, Op
+from attnc.ir.printer import ATOM, INFIX, number
+from attnc.plan import INIT, KernelPlan, promote
+
+BLOCK_M, BLOCK_N = 256, 512
+
+TABLE: dict[Op, tuple[str, int]] = {
+    **INFIX,
+    Op.AND: ("{0} & {1}", 7), Op.OR: ("{0} | {1}", 6), Op.NOT: ("~{0}", 12),
+    Op.EXP: ("torch.exp({0})", ATOM), Op.EXP2: ("torch.exp2({0})", ATOM), Op.LOG: ("torch.log({0})", ATOM),
+    Op.LOG2: ("torch.log2({0})", ATOM), Op.SQRT: ("torch.sqrt({0})", ATOM), Op.RSQRT: ("torch.rsqrt({0})", ATOM),
+    Op.TANH: ("torch.tanh({0})", ATOM), Op.SIGMOID: ("torch.sigmoid({0})", ATOM),
+    Op.SOFTPLUS: ("F.softplus({0})", ATOM), Op.RELU: ("torch.relu({0})", ATOM), Op.ABS: ("abs({0})", ATOM),
+    Op.SIGN: ("torch.sign({0})", ATOM), Op.FLOOR: ("torch.floor({0})", ATOM), Op.CEIL: ("torch.ceil({0})", ATOM),
+    Op.MIN: ("torch.minimum(torch.as_tensor({0}), torch.as_tensor({1}))", ATOM),
+    Op.MAX: ("torch.maximum(torch.as_tensor({0}), torch.as_tensor({1}))", ATOM),
+    Op.WHERE: ("torch.where({0}, {1}, {2})", ATOM),
+    Op.DIVZ: ("torch.where({1} == 0, 0.0, {0} / {1})", ATOM, 12),
+    Op.TOFLOAT: ("{0}.to(acc_dtype)", ATOM, ATOM),
+}
+INDEX_VARS = {"b": "offs_b", "h": "offs_h", "q_idx": "offs_m", "kv_idx": "offs_n"}
+
+
+def leaf(n: Node) -> str:
+    if n.op is Op.CONST:
+        v = n.arg
+        if isinstance(v, float) and math.isinf(v):
+            return "math.inf" if v > 0 else "-math.inf"
+        return number(v)
+    if n.op is Op.INDEX:
+        return INDEX_VARS[n.arg]
+    if n.op is Op.SIZE:
+        return f"size_{n.arg}"
+    if n.op is Op.TENSOR:
+        return n.arg
+    raise NotImplementedError(n.op.name)
+
+
+def load(n: Node, idx: list[str]) -> str:
+    return f"p_{n.arg}[{', '.join(idx)}]"
+
+
+TARGET = Target(TABLE, leaf, load)
+
+
+def _hoistable(n: Node) -> bool:
+    """A param read that depends on neither key nor score: compute it once, outside the key loop."""
+    return n.op is Op.LOAD and not E.free_indices(n) & {"kv_idx"} and not any(
+        x.op is Op.TENSOR for x in n.walk())
+
+
+SIZE_SOURCES = {"B": "B", "H": "H", "HKV": "HKV", "Q": "N_Q", "KV": "N_KV", "D": "HEAD_DIM"}
+
+
+def size_lines(plan: KernelPlan, exprs: list[Node]) -> list[tuple[str, str]]:
+    """0-d tensors for the sizes the expressions read: sizes of the call, or dims of a param's shape."""
+    used = sorted({n.arg for e in exprs for n in e.walk() if n.op is Op.SIZE})
+    free = {d: f"p_{p.name}.shape[{i}]" for p in plan.params for i, d in enumerate(p.dims) if isinstance(d, str)}
+    return [(f"size_{s}", f"torch.tensor({SIZE_SOURCES.get(s) or free[s]})") for s in used]
+
+
+def render_plan(plan: KernelPlan) -> str:
+    plan = promote(plan)
+    names: dict[Node, str] = {}
+    hoisted_kernel, hoisted_row = [], []
+    exprs = [plan.score] + ([plan.mask] if plan.mask is not None else []) + [
+        s.value for p in plan.passes for s in p.states] + [e for _, e in plan.epilogue]
+    for e in exprs:
+        for n in e.walk():
+            if _hoistable(n) and n not in names:
+                name = "_".join([n.arg] + [x.arg[0] if x.op is Op.INDEX else "x" for x in n.src])
+                while name in names.values():
+                    name += "_"
+                level = hoisted_row if "q_idx" in E.free_indices(n) else hoisted_kernel
+                level.append((name, TARGET.text(n, names)))
+                names[n] = name
+    tile_names = dict(names)
+    score_lines = linearize([("s", plan.score)], TARGET, tile_names, "s")
+    tile_names[E.Node(Op.TENSOR, arg="s")] = tile_names[plan.score]     # s may simply be qk
+    mask_lines = linearize([("keep", plan.mask)], TARGET, dict(names), "k") if plan.mask is not None else []
+    passes = []
+    for i, p in enumerate(plan.passes):
+        pn = dict(tile_names)
+        max_lines = linearize([(f"{s.name}_tile", s.value) for s in p.maxes], TARGET, pn, f"x{i + 1}_")
+        alphas = [(a, TARGET.text(E.make(Op.EXP, E.const(c) * (E.Node(Op.TENSOR, arg=m) -
+                                                                 E.Node(Op.TENSOR, arg=f"{m}_ref"))) if c != 1 else
+                                  E.make(Op.EXP, E.Node(Op.TENSOR, arg=m) - E.Node(Op.TENSOR, arg=f"{m}_ref"))))
+                  for a, m, c in p.alphas()]
+        alpha_of = {(m, c): a for a, m, c in p.alphas()}
+        value_roots = [("p" if s.kind == "dot" else f"{s.name}_tile", s.value)
+                       for s in sorted(p.sums, key=lambda s: s.kind != "dot")]
+        sum_lines = linearize(value_roots, TARGET, pn, f"y{i + 1}_")
+        passes.append({
+            "number": i + 1,
+            "states": [{"name": s.name, "init": leaf(INIT[s.kind]), "kind": s.kind} for s in p.states],
+            "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": pn.get(s.value, f"{s.name}_tile")}
+                      for s in p.maxes],
+            "max_lines": max_lines,
+            "alphas": alphas,
+            "sum_lines": sum_lines,
+            "sums": [{"name": s.name, "kind": s.kind, "value": pn[s.value],
+                      "alpha": " * ".join(alpha_of[r] for r in s.rescale)} for s in p.sums],
+        })
+    epilogue = [(n, TARGET.text(e, dict(names))) for n, e in plan.epilogue]
+    v = plan.variant
+    return render_template(
+        "torch/forward.py.j2", kernel_name=plan.name, variant=v.name, source=v.file, notes=list(plan.notes),
+        pass_count=plan.pass_count, params=[p.name for p in plan.params],
+        size_lines=size_lines(plan, exprs), float_params=[p.name for p in plan.params if p.kind == "float"],
+        hoisted_kernel=hoisted_kernel, hoisted_row=hoisted_row, score_lines=score_lines,
+        mask_lines=mask_lines, passes=passes, epilogue=epilogue, has_lse=plan.has_lse,
+        uses_index={k: any(n.op is Op.INDEX and n.arg == k for e in exprs for n in e.walk())
+                    for k in INDEX_VARS})

@@ -1,0 +1,1 @@
+"""FlexAttention-style callbacks -> Variant (placeholder until the tracer lands)."""

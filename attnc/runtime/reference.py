@@ -1,0 +1,98 @@
+"""The materialized reference: the whole score matrix, straight from the Variant, no passes involved.
+
+Run in float64 it is the oracle every kernel is checked against; run in the input dtype it is the
+"eager" peer of the benchmarks. It also evaluates single expressions for FlexAttention's mods."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attnc.frontend.variant import Variant
+from attnc.ir.expr import BOOL, INT, Node, Op
+
+_FN = {
+    Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.true_divide,
+    Op.FLOORDIV: lambda a, b: torch.div(a, b, rounding_mode="floor"), Op.MOD: torch.remainder,
+    Op.POW: torch.pow, Op.NEG: torch.neg,
+    Op.DIVZ: lambda a, d: torch.where(d == 0, torch.zeros_like(a / d), a / d),
+    Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.EQ: torch.eq, Op.NE: torch.ne,
+    Op.AND: torch.logical_and, Op.OR: torch.logical_or, Op.NOT: torch.logical_not,
+    Op.WHERE: torch.where,
+    Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
+    Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: F.softplus,
+    Op.RELU: torch.relu, Op.ABS: torch.abs, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
+    Op.MIN: torch.minimum, Op.MAX: torch.maximum,
+}
+_INT_TO_FLOAT = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SOFTPLUS}
+
+
+def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch.float64,
+             rows: dict | None = None) -> torch.Tensor:
+    """root over broadcastable index tensors in env ('b', 'h', 'q_idx', 'kv_idx', 'score', sizes).
+    rows: how to evaluate ROWMAX / ROWSUM (the reference passes a function), None where not allowed."""
+    memo: dict[Node, torch.Tensor] = {}
+    for n in root.walk():
+        if n in memo:
+            continue
+        op = n.op
+        if op is Op.CONST:
+            t = {BOOL: torch.bool, INT: torch.int64}.get(n.dtype, dtype)
+            val = torch.tensor(n.arg, dtype=t)
+        elif op is Op.INDEX or op is Op.SIZE:
+            val = env[n.arg]
+        elif op is Op.SCORE:
+            val = env["score"]
+        elif op is Op.LOAD:
+            val = params[n.arg][tuple(memo[s].long() for s in n.src)]
+            val = val.to(dtype) if val.is_floating_point() else val
+        elif op is Op.TOFLOAT:
+            val = memo[n.src[0]].to(dtype)
+        elif op in (Op.ROWMAX, Op.ROWSUM):
+            val = rows(op, memo[n.src[0]])
+        else:
+            args = [memo[s] for s in n.src]
+            if op in _INT_TO_FLOAT:
+                args = [a.to(dtype) if not a.is_floating_point() else a for a in args]
+            if op is Op.DIV:
+                args = [a.to(dtype) if not a.is_floating_point() else a for a in args]
+            val = _FN[op](*args)
+        memo[n] = val
+    return memo[root]
+
+
+def index_env(B: int, H: int, Q: int, KV: int, sizes: dict) -> dict:
+    env = {"b": torch.arange(B).view(B, 1, 1, 1), "h": torch.arange(H).view(1, H, 1, 1),
+           "q_idx": torch.arange(Q).view(1, 1, Q, 1), "kv_idx": torch.arange(KV).view(1, 1, 1, KV)}
+    env.update({k: torch.tensor(v) for k, v in sizes.items()})
+    return env
+
+
+def reference(v: Variant, q, k, v_, scale: float, params: dict, sizes: dict, return_lse: bool = False):
+    """Materialized attention for variant v; the computation runs in q's dtype (float64 for the oracle)."""
+    dtype = q.dtype
+    B, H, Q, D = q.shape
+    HKV, KV = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(H // HKV, dim=1)
+    v_ = v_.repeat_interleave(H // HKV, dim=1)
+    env = index_env(B, H, Q, KV, sizes)
+    env["score"] = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = evaluate(v.score, env, params, dtype).to(dtype).expand(B, H, Q, KV)
+    keep = torch.ones((), dtype=torch.bool) if v.mask is None else evaluate(v.mask, env, params, dtype)
+    keep = keep.expand(B, H, Q, KV)
+
+    def rows(op, x):
+        x = x.expand(B, H, Q, KV)
+        if op is Op.ROWMAX:
+            return torch.where(keep, x, -math.inf).amax(-1, keepdim=True)
+        return torch.where(keep, x, 0.0).sum(-1, keepdim=True)
+
+    env["score"] = s
+    weights = evaluate(v.norm, env, params, dtype, rows).expand(B, H, Q, KV)
+    weights = torch.where(keep, weights, torch.zeros((), dtype=weights.dtype))
+    out = torch.matmul(weights.to(dtype), v_)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(torch.where(keep, s, -math.inf), dim=-1)
+    return out, lse
