@@ -15,7 +15,8 @@ PEERS = ("attnc", "flex", "sdpa", "eager")
 # recompiles per callable; past its default limit of 8 it silently falls back to unfused eager flex,
 # which would time the wrong thing in a suite of several variants. A float a mod closes over (a
 # softcap) becomes a symbolic input unless floats are specialized, and flex's CPU lowering then fails
-# with "unbacked_bindings" (torch 2.13).
+# with "unbacked_bindings" (torch 2.13). dynamic=False below: once recompiles turned on automatic
+# dynamic shapes, the CPU flex template emitted C++ that did not compile (document mask, torch 2.13).
 _DYNAMO = dict(recompile_limit=64, specialize_float=True)
 
 

@@ -77,8 +77,8 @@ class Compiled:
                 parts += [f"# {line}" for line in c.facts.get(key, ())]
             if "sparsity_kind" in c.facts:
                 parts.append(f"# block sparsity: {c.facts['sparsity_kind']}")
-            for a in c.facts.get("bounds", ()):
-                parts.append(f"# bounds: {a.describe()}")
+            if stages:      # bounds describe the params' declarations, which callbacks only get at call time
+                parts += [f"# bounds: {a.describe()}" for a in c.facts.get("bounds", ())]
             parts += [f"# note: {n}" for n in c.facts.get("notes", ())]
         return "\n".join(parts)
 
