@@ -73,7 +73,7 @@ class SymMap:
             return E.const(int(x))
         if x.is_Rational:
             return E.make(Op.DIV, E.const(int(x.p)), E.const(int(x.q)))
-        if x.is_Float:
+        if x.is_Float or (x.is_number and x.is_real):      # log(200) -> 5.298...: fold constants
             return E.const(float(x))
         if x.is_Add:
             pos, neg = [], []
