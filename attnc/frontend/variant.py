@@ -44,7 +44,7 @@ class Variant:
     params: dict[str, Param]
     consts: dict[str, int | float]
     file: str = "<string>"
-    captured: dict = field(default_factory=dict, compare=False)   # callback closures: name -> tensor
+    captured: dict = field(default_factory=dict, compare=False, repr=False)   # callback closures: name -> tensor
 
     def key(self) -> str:
         """A content hash: equal variants compile to the same kernels."""

@@ -186,10 +186,14 @@ def promote_ints(root: Node) -> Node:
     def fix(n: Node) -> Node | None:
         if n.dtype != FLOAT or n.op in (Op.LOAD, Op.TOFLOAT) or not any(s.dtype == INT for s in n.src):
             return None
-        srcs = tuple(Node(Op.TOFLOAT, (s,), dtype=FLOAT) if s.dtype == INT and not (
-            n.op is Op.POW and i == 1) else s for i, s in enumerate(n.src))
+        srcs = tuple(_as_float(s) if s.dtype == INT and not (n.op is Op.POW and i == 1) else s
+                     for i, s in enumerate(n.src))
         return Node(n.op, srcs, n.arg, FLOAT, n.loc)
     return _bottom_up(root, fix)
+
+
+def _as_float(n: Node) -> Node:
+    return const(float(n.arg)) if n.op is Op.CONST else Node(Op.TOFLOAT, (n,), dtype=FLOAT)
 
 
 def _bottom_up(root: Node, fix) -> Node:

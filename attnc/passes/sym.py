@@ -53,7 +53,7 @@ class SymMap:
             return self.to(n.src[0]) / self.to(n.src[1])
         if op is Op.POW and n.src[1].op is Op.CONST and n.src[1].dtype == INT:
             return self.to(n.src[0]) ** n.src[1].arg
-        if op in _FUNCS and n.src[0].dtype == FLOAT:
+        if op in _FUNCS:
             return _FUNCS[op](self.to(n.src[0]))
         # opaque: convert operands on their own, then name the rebuilt node
         srcs = tuple(self.back(self.to(s), s.dtype) for s in n.src)

@@ -1,6 +1,7 @@
 """Generated source on disk, keyed by content: a file is written once, atomically, and read back after."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -13,6 +14,16 @@ VERSION = "0.1.0"
 def cache_dir() -> Path:
     root = os.environ.get("ATTNC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attnc")
     return Path(root)
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(backend) -> str:
+    """A hash of a backend's renderer and templates: new code never reads an old kernel."""
+    from attnc.frontend.parser import resource_dir
+    h = hashlib.sha256(Path(backend.__file__).read_bytes())
+    for f in sorted((resource_dir("templates")).rglob("*.j2")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cache_key(*parts: str) -> str:

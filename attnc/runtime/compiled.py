@@ -53,7 +53,7 @@ class Compiled:
         backend = _backend_module(target)
         c = self.cascade(return_lse).with_facts(block_m=backend.BLOCK_M, block_n=backend.BLOCK_N)
         plan = build_plan(c)
-        key = cache.cache_key(target, self.variant.key(), str(return_lse), str(plan.block_m), str(plan.block_n))
+        key = cache.cache_key(target, self.variant.key(), repr(plan), cache.code_version(backend))
         source, path = cache.cached_source(plan.name, key, lambda: backend.render_plan(plan))
         return plan, source, cache.load_kernel(source, plan.name, path) if target == "torch" else None
 
