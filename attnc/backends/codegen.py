@@ -20,9 +20,10 @@ class Target:
     table: dict[Op, tuple[str, int]]
     leaf: Callable[[Node], str]
     load: Callable[[Node, list[str]], str]
+    inplace: dict[Op, tuple[str, int]] | None = None
 
     def text(self, n: Node, names: dict[Node, str] | None = None) -> str:
-        return render(n, self.table, self.leaf, names, self.load)
+        return render(n, self.table, self.leaf, names, self.load, self.inplace)
 
 
 def linearize(roots: list[tuple[str, Node]], target: Target, names: dict[Node, str],

@@ -50,7 +50,11 @@ def load(n: Node, idx: list[str]) -> str:
     return f"p_{n.arg}[{', '.join(idx)}]"
 
 
-TARGET = Target(TABLE, leaf, load)
+# a function of a temporary that nothing else reads overwrites it instead of allocating
+INPLACE = {op: (f"{{0}}.{name}_()", ATOM, ATOM) for op, name in (
+    (Op.EXP, "exp"), (Op.EXP2, "exp2"), (Op.TANH, "tanh"), (Op.SIGMOID, "sigmoid"), (Op.RELU, "relu"),
+    (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))}
+TARGET = Target(TABLE, leaf, load, INPLACE)
 
 
 def _hoistable(n: Node) -> bool:
@@ -100,6 +104,10 @@ def render_plan(plan: KernelPlan) -> str:
         value_roots = [("p" if s.kind == "dot" else f"{s.name}_tile", s.value)
                        for s in sorted(p.sums, key=lambda s: s.kind != "dot")]
         sum_lines = linearize(value_roots, TARGET, pn, f"y{i + 1}_")
+        dot = next((s for s in p.sums if s.kind == "dot"), None)
+        # a sum of the dot's own weights rides along the P·V product as a column of ones in V
+        riders = [s.name for s in p.sums if dot is not None and s.kind == "sum" and s.value == dot.value
+                  and s.rescale == dot.rescale][:1]
         passes.append({
             "number": i + 1,
             "states": [{"name": s.name, "init": leaf(INIT[s.kind]), "kind": s.kind} for s in p.states],
@@ -109,7 +117,9 @@ def render_plan(plan: KernelPlan) -> str:
             "alphas": alphas,
             "sum_lines": sum_lines,
             "sums": [{"name": s.name, "kind": s.kind, "value": pn[s.value],
-                      "alpha": " * ".join(alpha_of[r] for r in s.rescale)} for s in p.sums],
+                      "alpha": " * ".join(alpha_of[r] for r in s.rescale)} for s in p.sums if s.name not in riders],
+            "riders": riders,
+            "dot_fresh": dot is not None and pn[dot.value] == "p",
         })
     epilogue = [(n, TARGET.text(e, dict(names))) for n, e in plan.epilogue]
     v = plan.variant
@@ -118,6 +128,6 @@ def render_plan(plan: KernelPlan) -> str:
         pass_count=plan.pass_count, params=[p.name for p in plan.params],
         size_lines=size_lines(plan, exprs), float_params=[p.name for p in plan.params if p.kind == "float"],
         hoisted_kernel=hoisted_kernel, hoisted_row=hoisted_row, score_lines=score_lines,
-        mask_lines=mask_lines, passes=passes, epilogue=epilogue, has_lse=plan.has_lse,
+        mask_lines=mask_lines, passes=passes, any_riders=any(p["riders"] for p in passes), epilogue=epilogue, has_lse=plan.has_lse,
         uses_index={k: any(n.op is Op.INDEX and n.arg == k for e in exprs for n in e.walk())
                     for k in INDEX_VARS})

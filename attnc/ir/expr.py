@@ -148,6 +148,11 @@ def result_dtype(op: Op, srcs: tuple[Node, ...]) -> str:
     return FLOAT if FLOAT in kinds else INT
 
 
+def keep_dtype(n: Node, srcs: tuple[Node, ...]) -> str:
+    """The dtype of n rebuilt over new operands: a load keeps its param's, others follow their operands."""
+    return n.dtype if n.op is Op.LOAD or not srcs else result_dtype(n.op, srcs)
+
+
 def make(op: Op, *srcs: Node, arg: Any = None, loc: Loc | None = None) -> Node:
     srcs = tuple(as_node(s) for s in srcs)
     return Node(op, srcs, arg, result_dtype(op, srcs), loc)
@@ -171,7 +176,7 @@ def substitute(root: Node, mapping: dict[Node, Node] | Callable[[Node], Node | N
             memo[n] = hit
             continue
         srcs = tuple(memo[s] for s in n.src)
-        memo[n] = n if srcs == n.src else Node(n.op, srcs, n.arg, result_dtype(n.op, srcs) if n.src else n.dtype, n.loc)
+        memo[n] = n if srcs == n.src else Node(n.op, srcs, n.arg, keep_dtype(n, srcs), n.loc)
     return memo[root]
 
 

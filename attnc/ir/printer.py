@@ -32,6 +32,7 @@ IR_TABLE: dict[Op, tuple[str, int]] = {
     Op.ROWMAX: ("rowmax({0})", ATOM), Op.ROWSUM: ("rowsum({0})", ATOM),
 }
 
+ARITH = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG}
 RIGHT_STRICT = {Op.SUB, Op.DIV, Op.FLOORDIV, Op.MOD, Op.DIVZ, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
 
 
@@ -55,9 +56,16 @@ def ir_load(n: Node, idx: list[str]) -> str:
 
 def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], str],
            names: dict[Node, str] | None = None,
-           load: Callable[[Node, list[str]], str] = ir_load) -> str:
-    """Infix text for `root`; nodes in `names` print as those names (common subexpressions)."""
+           load: Callable[[Node, list[str]], str] = ir_load,
+           inplace: dict[Op, tuple[str, int]] | None = None) -> str:
+    """Infix text for `root`; nodes in `names` print as those names (common subexpressions).
+    inplace: formats for unary ops whose operand is a fresh temporary, safe to overwrite."""
     names = names or {}
+    inplace = inplace or {}
+
+    def fresh(n: Node) -> bool:
+        return n not in names and n.op in ARITH and n.dtype == "float"
+
     memo: dict[Node, tuple[str, int]] = {}
 
     def go(n: Node) -> tuple[str, int]:
@@ -73,7 +81,7 @@ def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], 
         else:
             if n.op not in table:
                 raise NotImplementedError(f"this target cannot print {n.op.name}")
-            fmt, prec, *tight = table[n.op]
+            fmt, prec, *tight = inplace[n.op] if n.op in inplace and fresh(n.src[0]) else table[n.op]
             parts = []
             for i, s in enumerate(n.src):
                 t, p = go(s)

@@ -57,7 +57,7 @@ class SymMap:
             return _FUNCS[op](self.to(n.src[0]))
         # opaque: convert operands on their own, then name the rebuilt node
         srcs = tuple(self.back(self.to(s), s.dtype) for s in n.src)
-        return self.symbol(E.make(op, *srcs, arg=n.arg) if srcs else n)
+        return self.symbol(Node(op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc) if srcs else n)
 
     # -- sympy -> Node --
     def back(self, x: sympy.Expr, want: str = FLOAT) -> Node:
