@@ -4,6 +4,8 @@ Tiles are [B, HKV, GROUP, BLOCK_M, BLOCK_N]: every batch and head at once, the q
 kv head stacked so one bmm serves the group (GQA). Index variables are broadcastable aranges."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 from attnc.backends.codegen import Target, linearize, render_template
@@ -55,6 +57,21 @@ INPLACE = {op: (f"{{0}}.{name}_()", ATOM, ATOM) for op, name in (
     (Op.EXP, "exp"), (Op.EXP2, "exp2"), (Op.TANH, "tanh"), (Op.SIGMOID, "sigmoid"), (Op.RELU, "relu"),
     (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))}
 TARGET = Target(TABLE, leaf, load, INPLACE)
+
+
+@functools.lru_cache(maxsize=1)
+def keep_tiles_in_the_heap() -> bool:
+    """Raise glibc's mmap threshold to its maximum (32 MiB) once per process, so the per-tile temporaries
+    (a few MiB each) are recycled from the heap instead of being mapped and page-faulted on every tile.
+    This roughly halves the torch backend's time on large tiles; without glibc it does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def _hoistable(n: Node) -> bool:

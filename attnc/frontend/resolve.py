@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import keyword
+import re
 from pathlib import Path
 
 from attnc.errors import Loc, SpecError
@@ -84,9 +85,9 @@ class Resolver:
         value = st.value
         if st.name in self.overrides:
             new = self.overrides[st.name]
-            if isinstance(new, bool) or not isinstance(new, (int, float)):
-                raise SpecError(f"const '{st.name}' must be overridden with a number, got {type(new).__name__}",
-                                st.loc)
+            if isinstance(new, bool) or not isinstance(new, (int, float)) or new != new:
+                raise SpecError(f"const '{st.name}' must be overridden with a number, got {new!r}", st.loc,
+                                "an int or a float (not NaN)")
             if isinstance(value, int) and isinstance(new, float) and not new.is_integer():
                 raise SpecError(f"const '{st.name}' is an integer; got {new}", st.loc, "a whole number")
             value = int(new) if isinstance(value, int) else float(new)
@@ -135,7 +136,7 @@ class Resolver:
             raise SpecError(f"cannot read imported file {raw!r} ({e.strerror})", st.loc,
                             f"a file at {path}") from None
         inner = Resolver({}, self.stack + (str(path),))
-        return inner.variant(text, str(path), path.stem)
+        return inner.variant(text, str(path), default_name(path))
 
     def _stmt_let(self, sc: _Scope, st: Stmt):
         self._declare(sc, st.name, st.loc, "let")
@@ -245,7 +246,8 @@ class Resolver:
         if name in sc.lets:
             val = sc.lets[name]
             if ctx in ("mask", "sink") and val.uses(Op.SCORE):
-                raise SpecError(f"'{name}' uses score, and score cannot be used in a {ctx}", n.loc)
+                raise SpecError(f"'{name}' uses score, and score cannot be used in a {ctx}", n.loc,
+                                f"a {ctx} of indices (b, h, q_idx, kv_idx), sizes, consts and params")
             return val
         if name in sc.params:
             p = sc.params[name]
@@ -347,16 +349,27 @@ def _check_operands(op: Op, srcs: tuple[Node, ...], loc: Loc | None):
                         "integer operands (indices, sizes, int consts, int params)")
 
 
+def default_name(path: Path) -> str:
+    """The variant name of a file without a `variant` line: its stem cut to an identifier, since the name
+    becomes part of the kernel's name in generated code."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
+    return name if name and not name[0].isdigit() else "v_" + name
+
+
 def load(source_or_path: str, overrides: dict | None = None) -> Variant:
     """A Variant from a path to an .attn file or from spec text."""
     text, file, stem = source_or_path, "<string>", "variant"
     looks_like_path = "\n" not in source_or_path and source_or_path.strip().endswith(".attn")
     if looks_like_path:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in source_or_path):
+            # the path is written into the generated source's header: a '\r' there would end the comment line
+            raise SpecError(f"the path {source_or_path!r} holds a control character", Loc("<path>"),
+                            "a path of printable characters")
         path = Path(source_or_path)
         try:
             text = path.read_text()
         except OSError as e:
             raise SpecError(f"cannot read {source_or_path} ({e.strerror})", Loc(source_or_path)) from None
-        file, stem = str(path), path.stem
+        file, stem = str(path), default_name(path)
         return Resolver(overrides, (str(path.resolve()),)).variant(text, file, stem)
     return Resolver(overrides).variant(text, file, stem)

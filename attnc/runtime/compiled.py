@@ -99,6 +99,7 @@ class Compiled:
         if target == "triton":
             from attnc.backends import triton_backend
             return triton_backend.launch(self, plan, q, k, v, scale, params, sizes, return_lse)
+        _backend_module("torch").keep_tiles_in_the_heap()
         tiles = self.tiles(plan, sizes, params)
         args = [params[p.name] for p in plan.params]
         return kernel(q, k, v, scale, tiles, plan.block_m, return_lse, *args)
