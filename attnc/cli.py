@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AttncError, UsageError) as e:
         print(f"attnc {args.command}: {e}" if not isinstance(e, SpecError) else str(e), file=sys.stderr)
         return 2
+    except BrokenPipeError:          # `attnc show ... | head`: the reader left early, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,20 +149,11 @@ def cmd_check(args) -> int:
             cells = [path.ljust(width), str(shape).replace(" ", "").ljust(28)]
             try:
                 r = check_one(attn, shape, dtype, ATOL[args.dtype], torch.Generator().manual_seed(args.seed * 1009 + i))
-            except CallError as e:
-                print("  ".join(cells + ["CALL ERROR"]), flush=True)
-                print(f"{path}: {e}", file=sys.stderr)
-                code, n_fail = 2, n_fail + 1
-                continue
-            except (NotImplementedError, ImportError) as e:
-                print("  ".join(cells + ["NOT AVAILABLE"]), flush=True)
-                print(f"{path}: the {args.target} target cannot run this variant yet ({e})", file=sys.stderr)
-                code, n_fail = 2, n_fail + 1
-                continue
-            except Exception as e:      # a compiler bug: say where, keep checking the rest
-                print("  ".join(cells + ["ERROR"]), flush=True)
-                print(f"{path}: internal error {type(e).__name__}: {e}{_where(e)}", file=sys.stderr)
-                code, n_fail = max(code, 1), n_fail + 1
+            except Exception as e:      # keep checking the rest; the exit code says how bad it was
+                label, why, bad = _failure(e, args.target)
+                print("  ".join(cells + [label]), flush=True)
+                print(f"{path}: {why}", file=sys.stderr)
+                code, n_fail = max(code, bad), n_fail + 1
                 continue
             cells += [f"{r['err']:9.2e}", f"{r['bound']:9.2e}", f"{r['lse_err']:9.2e}", f"{r['lse_bound']:9.2e}",
                       f"{r['ms']:8.2f}", "ok" if r["ok"] else f"FAIL ({r['why']})"]
@@ -201,6 +196,15 @@ def check_one(attn, shape, dtype, atol: float, g) -> dict:
         why.append("lse")
     return {"err": err, "bound": bound, "lse_err": lse_err, "lse_bound": lse_bound, "ms": ms, "ok": not why,
             "why": ", ".join(why)}
+
+
+def _failure(e: Exception, target: str) -> tuple[str, str, int]:
+    """(table cell, message, exit code) for a check that raised instead of giving a result."""
+    if isinstance(e, CallError):
+        return "CALL ERROR", str(e), 2
+    if isinstance(e, (NotImplementedError, ImportError)):
+        return "NOT AVAILABLE", f"the {target} target cannot run this variant yet ({e})", 2
+    return "ERROR", f"internal error {type(e).__name__}: {e}{_where(e)}", 1      # a compiler bug
 
 
 def _max_err(x, ref) -> float:

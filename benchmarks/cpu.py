@@ -50,7 +50,8 @@ def machine():
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), platform.processor())
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "attnc": getattr(attnc, "__version__", "unknown")}
+            "python": platform.python_version(), "attnc": getattr(attnc, "__version__", "unknown"),
+            "load_1min": os.getloadavg()[0]}
 
 
 def example(name):
@@ -100,8 +101,7 @@ def suite(seq, reps, peers):
 
 
 def first_result_child(seq):
-    """In a fresh process: compile + first call of a never-seen variant, for attnc and for flex."""
-    os.environ["ATTNC_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-bench-cache-")
+    """In a fresh process with an empty ATTNC_CACHE_DIR: compile + first call of a never-seen variant, for attnc and for flex."""
     q, k, v = qkv(H, seq)
     window = 257 + time.time_ns() % 700      # a const no earlier run compiled, so no cache can hold this variant
     warm = attnc.compile(example("causal.attn"))
@@ -166,9 +166,10 @@ def peak_child(seq, peer):
         return {"seq": seq, "peer": peer, "peak_mib": (_status_kib("VmHWM") - before) / 1024}
 
 
-def child(*args):
+def child(*args, env=None):
     """Run one child measurement in a fresh interpreter; its JSON result, or None (with its stderr logged) on failure."""
-    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         log(f"child {args} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
         return None
@@ -217,7 +218,8 @@ def report(results, markdown):
     m = results["machine"]
     fmt = lambda x, spec=".1f": "n/a" if x is None else format(x, spec)
     parts = [f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
-             f"python {m['python']}, attnc {m['attnc']}; medians of {results['reps']} runs, all peers in the same run"]
+             f"python {m['python']}, attnc {m['attnc']}; medians of {results['reps']} runs, all peers in the same run; "
+             f"load average {m['load_1min']:.2f} at start"]
     if results.get("suite"):
         parts.append(f"variants at S={results['seq']}, B={B} H={H} D={D} fp32; (x) = peer ms / attnc ms, >1: attnc faster\n"
                      + bench.format_table(results["suite"], markdown))
@@ -274,11 +276,14 @@ def main(argv=None):
     parts = set(args.parts.split(","))
     memory_seqs = (512, 1024, 2048) if args.quick else (1024, 2048, 4096, 8192)
 
+    if os.getloadavg()[0] > 0.5:
+        log(f"warning: load average {os.getloadavg()[0]:.2f}: other work on this machine will skew the timings")
     results = {"machine": machine(), "seq": args.seq, "reps": args.reps, "peers_only": args.peers_only}
     if "suite" in parts:
         results["suite"] = suite(args.seq, args.reps, peers)
     if "first" in parts:
-        results["first_result"] = child("first", FIRST_SEQ)
+        with tempfile.TemporaryDirectory(prefix="attnc-bench-cache-") as cache:   # nothing attnc compiled before
+            results["first_result"] = child("first", FIRST_SEQ, env={"ATTNC_CACHE_DIR": cache})
         if results["first_result"] and args.peers_only:
             results["first_result"]["attnc_s"] = None
     if "long" in parts:

@@ -7,7 +7,9 @@ from attnc.ir.cascade import Cascade
 from attnc.passes.pass_count import pass_of
 
 
-def tile(c: Cascade, block_m: int = 128, block_n: int = 128) -> Cascade:
+def tile(c: Cascade) -> Cascade:
+    """Block sizes come from the backend (facts block_m, block_n), 128 when none was chosen."""
+    block_m, block_n = c.facts.get("block_m", 128), c.facts.get("block_n", 128)
     when = pass_of(c)
     carried = {p: [s.name for s in c.stmts if s.running and when[s.name] == p]
                for p in sorted(set(when.values()))}

@@ -37,8 +37,11 @@ class Compiled:
         return f"<attnc {self.variant.name}: norm {self.variant.norm_kind}, params {list(self.variant.params)}>"
 
     # -- compilation --
-    def cascade(self, return_lse: bool = False, after: str | None = None, trace: list | None = None):
-        return run_pipeline(lower(self.variant, return_lse), after, trace)
+    def cascade(self, return_lse: bool = False, after: str | None = None, trace: list | None = None,
+                target: str = "torch"):
+        backend = _backend_module(target)
+        c = lower(self.variant, return_lse).with_facts(block_m=backend.BLOCK_M, block_n=backend.BLOCK_N)
+        return run_pipeline(c, after, trace)
 
     def plan(self, return_lse: bool = False, target: str = "torch") -> KernelPlan:
         return self._kernel(return_lse, target)[0]
@@ -51,8 +54,7 @@ class Compiled:
 
     def _build(self, return_lse: bool, target: str):
         backend = _backend_module(target)
-        c = self.cascade(return_lse).with_facts(block_m=backend.BLOCK_M, block_n=backend.BLOCK_N)
-        plan = build_plan(c)
+        plan = build_plan(self.cascade(return_lse, target=target))
         key = cache.cache_key(target, self.variant.key(), repr(plan), cache.code_version(backend))
         source, path = cache.cached_source(plan.name, key, lambda: backend.render_plan(plan))
         return plan, source, cache.load_kernel(source, plan.name, path) if target == "torch" else None
@@ -67,7 +69,7 @@ class Compiled:
         if after is not None and after not in PASS_NAMES:
             raise CallError(f"unknown pass {after!r}; passes: {', '.join(PASS_NAMES)}")
         trace: list = []
-        self.cascade(return_lse, after, trace)
+        self.cascade(return_lse, after, trace, target=self.backend or "torch")
         shown = trace if stages else trace[-1:]
         parts = []
         for name, c, passes in shown:
@@ -85,6 +87,33 @@ class Compiled:
     @property
     def param_specs(self) -> dict[str, tuple[str, tuple]]:
         return {p.name: (p.dtype, p.dims) for p in self.variant.params.values()}
+
+    def flex_mods(self, sizes: dict | None = None, **params):
+        """(score_mod, mask_mod) with FlexAttention's signatures, evaluating this variant's expressions;
+        None for a part the variant does not have. sizes binds B, H, Q, KV, ... where the variant reads them."""
+        from attnc.ir.expr import Op
+        from attnc.runtime.reference import evaluate
+        params = {**self.variant.captured, **params}
+        missing = set(self.variant.params) - set(params)
+        if missing:
+            raise CallError(f"flex_mods needs the params {', '.join(sorted(missing))}")
+        sizes = dict(sizes or {})
+
+        def env(b, h, q_idx, kv_idx, score=None):
+            e = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, "score": score}
+            e.update({k: torch.tensor(v) for k, v in sizes.items()})
+            return e
+
+        v = self.variant
+        score_mod = None
+        if v.score.op is not Op.SCORE:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return evaluate(v.score, env(b, h, q_idx, kv_idx, score), params, score.dtype).to(score.dtype)
+        mask_mod = None
+        if v.mask is not None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return evaluate(v.mask, env(b, h, q_idx, kv_idx), params)
+        return score_mod, mask_mod
 
     @property
     def flex_compatible(self) -> bool:

@@ -1,0 +1,216 @@
+"""The compiled object: the on-disk cache, dtypes, scale, shapes, IR text and const overrides."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnc
+from attnc.runtime import cache
+
+try:
+    from helpers import ROOT, check_against_oracle, example, qkv, random_params
+except ImportError:
+    from tests.helpers import ROOT, check_against_oracle, example, qkv, random_params
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(d))
+    return d
+
+
+def kernel_files(d):
+    return sorted(p for p in d.iterdir() if p.suffix == ".py") if d.exists() else []
+
+
+# -- the cache --
+
+def test_first_compile_writes_one_file_named_by_a_content_hash(cache_dir):
+    attn = attnc.compile(example("causal"))
+    src = attn.source()
+    files = kernel_files(cache_dir)
+    assert len(files) == 1
+    assert re.fullmatch(r"attnc_causal_fwd-[0-9a-f]{16,}\.py", files[0].name), files[0].name
+    assert files[0].read_text() == src
+    assert not [p for p in cache_dir.iterdir() if p.suffix != ".py"], "no temporary file is left behind"
+
+
+def test_second_compile_reads_the_same_file(cache_dir, monkeypatch):
+    src = attnc.compile(example("causal")).source()
+    (path,) = kernel_files(cache_dir)
+    before = path.stat().st_mtime_ns
+    from attnc.backends import torch_backend
+
+    def no_render(plan):
+        raise AssertionError("rendered again instead of reading the cache")
+    monkeypatch.setattr(torch_backend, "render_plan", no_render)
+    again = attnc.compile(example("causal"))
+    assert again.source() == src
+    q, k, v = qkv(1, 2, 2, 20, 20, 8)
+    again(q, k, v)
+    assert kernel_files(cache_dir) == [path] and path.stat().st_mtime_ns == before
+
+
+def test_the_cached_file_is_what_runs(cache_dir):
+    attnc.compile(example("causal")).source()
+    (path,) = kernel_files(cache_dir)
+    # a kernel read from the cache is executed as found: mark it and see the mark
+    path.write_text(path.read_text() + "\nMARK = 'from the cache'\n")
+    attn = attnc.compile(example("causal"))
+    assert attn.source().endswith("MARK = 'from the cache'\n")
+    q, k, v = qkv(1, 2, 2, 20, 20, 8)
+    check_against_oracle(attn, q, k, v, {})
+
+
+def test_different_variants_and_consts_get_different_files(cache_dir):
+    attnc.compile(example("sliding_window")).source()
+    attnc.compile(example("sliding_window"), window=512).source()
+    attnc.compile(example("sliding_window"), window=256).source()       # the default again: no new file
+    attnc.compile(example("causal")).source()
+    attnc.compile(example("causal")).source(return_lse=True)
+    names = [p.name for p in kernel_files(cache_dir)]
+    assert len(names) == 4 and len({n.split("-")[-1] for n in names}) == 4
+
+
+def test_cache_writes_are_atomic(cache_dir, monkeypatch):
+    seen = []
+    real = os.replace
+
+    def spy(src, dst):
+        src, dst = str(src), str(dst)
+        assert os.path.dirname(src) == os.path.dirname(dst), "the temporary file lies beside the target"
+        assert not os.path.exists(dst), "the target is never written in place"
+        with open(src) as f:
+            seen.append((dst, f.read()))                # complete before it becomes visible
+        real(src, dst)
+    monkeypatch.setattr(cache.os, "replace", spy)
+    src = attnc.compile(example("alibi")).source()
+    assert len(seen) == 1 and seen[0][1] == src
+
+
+def test_unwritable_cache_still_compiles(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(blocker / "cache"))
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 2, 2, 20, 20, 8)
+    check_against_oracle(attn, q, k, v, {})
+
+
+def test_concurrent_processes_share_the_cache(cache_dir):
+    code = ("import attnc, torch\n"
+            "a = attnc.compile('examples/streaming_llm.attn')\n"
+            "q = torch.randn(1, 2, 40, 8)\n"
+            "print(float(a(q, q, q).sum()))\n")
+    env = {**os.environ, "ATTNC_CACHE_DIR": str(cache_dir),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    assert len(kernel_files(cache_dir)) == 1
+    assert not [p for p in cache_dir.iterdir() if p.suffix != ".py"]
+
+
+# -- dtypes, scale, shapes --
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
+def test_dtypes_run_and_keep_the_dtype(dtype):
+    attn = attnc.compile(example("alibi"))
+    q, k, v = qkv(2, 4, 2, 50, 70, 16, dtype=dtype)
+    params = random_params(attn, 2, 4, 2, 50, 70, 16)
+    out, lse = attn(q, k, v, return_lse=True, **params)
+    assert out.dtype == dtype and out.shape == (2, 4, 50, 16) and lse.shape == (2, 4, 50)
+    check_against_oracle(attn, q, k, v, params)
+
+
+def test_default_scale_is_one_over_sqrt_d():
+    attn = attnc.compile(example("full"))
+    q, k, v = qkv(1, 2, 2, 30, 40, 32)
+    default = attn(q, k, v)
+    assert torch.allclose(default, attn(q, k, v, scale=1 / math.sqrt(32)), atol=1e-6)
+    assert torch.allclose(default, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+    assert not torch.allclose(default, attn(q, k, v, scale=1.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
+def test_explicit_scale(scale):
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 2, 2, 30, 30, 16)
+    out = attn(q, k, v, scale=scale)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    assert torch.allclose(out, sdpa, atol=1e-5)
+    check_against_oracle(attn, q, k, v, {}, scale=scale)
+
+
+def test_value_dim_differs_from_key_dim():
+    attn = attnc.compile(example("sliding_window"), window=16)
+    q, k, v = qkv(2, 4, 2, 45, 45, 16, Dv=40)
+    out = attn(q, k, v)
+    assert out.shape == (2, 4, 45, 40)
+    check_against_oracle(attn, q, k, v, {})
+
+
+def test_gqa_matches_repeated_heads():
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 4, 2, 30, 30, 16)
+    rep = attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+    assert torch.allclose(attn(q, k, v), rep, atol=1e-6)
+
+
+# -- IR text --
+
+def test_ir_contains_the_pass_count():
+    assert "1 pass over the keys" in attnc.compile(example("alibi")).ir()
+    text = attnc.compile(example("hinge")).ir()
+    assert "2 passes over the keys" in text and "note:" in text
+
+
+def test_ir_after_a_named_pass():
+    attn = attnc.compile(example("causal"))
+    assert "3 passes" in attn.ir(after="lower") and "2 passes" in attn.ir(after="defer_division")
+    with pytest.raises(attnc.CallError, match="unknown pass"):
+        attn.ir(after="nonsense")
+
+
+def test_source_is_readable_python():
+    src = attnc.compile(example("alibi")).source()
+    compile(src, "<kernel>", "exec")
+    assert "def attnc_alibi" in src and "pass" in src
+
+
+# -- const overrides --
+
+def test_const_override_changes_the_result():
+    default = attnc.compile(example("sliding_window"))
+    wide = attnc.compile(example("sliding_window"), window=512)
+    assert default.variant.consts["window"] == 256 and wide.variant.consts["window"] == 512
+    q, k, v = qkv(1, 2, 2, 700, 700, 8)
+    a, b = default(q, k, v), wide(q, k, v)
+    assert torch.allclose(a[:, :, :256], b[:, :, :256], atol=1e-6)     # rows that see < 256 keys either way
+    assert not torch.allclose(a[:, :, 300:], b[:, :, 300:], atol=1e-3)
+    check_against_oracle(wide, q, k, v, {})
+    causal = attnc.compile(example("causal"))(q, k, v)
+    assert torch.allclose(attnc.compile(example("sliding_window"), window=700)(q, k, v), causal, atol=1e-6)
+
+
+def test_float_const_override():
+    q, k, v = qkv(1, 2, 2, 30, 30, 16)
+    capped = attnc.compile(example("softcap"), cap=0.5)
+    assert not torch.allclose(capped(q, k, v), attnc.compile(example("softcap"))(q, k, v), atol=1e-4)
+    check_against_oracle(capped, q, k, v, {})
+
+
+def test_repr_and_param_specs():
+    attn = attnc.compile(example("t5_bias"))
+    assert attn.param_specs == {"rel_bias": ("f32", ("H", "R"))}
+    assert "t5_bias" in repr(attn)
