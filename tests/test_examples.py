@@ -67,6 +67,20 @@ def test_example_bf16_across_tiles(compiled, name):
     check_against_oracle(attn, q, k, v, random_params(attn, B, H, HKV, Q, KV, D), floor=2e-2)
 
 
+INLINE_NORMS = ["linear", "relu", "map(tanh(score))", "sigmoid", "softmax(sink = 0)", "rownorm(abs(score))",
+                "rownorm(relu(score) ** 2)", "exp(score - rowmax(score)) / rowsum(exp(score - rowmax(score)))"]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "causal"])
+@pytest.mark.parametrize("norm", INLINE_NORMS)
+def test_inline_normalizers_match_the_oracle(norm, masked):
+    attn = attnc.compile(f"variant n\n{'mask = q_idx >= kv_idx' if masked else ''}\nnorm = {norm}\n")
+    for shape in ("ragged", "cross_gqa_dv"):
+        B, H, HKV, Q, KV, D, Dv = SHAPES[shape]
+        q, k, v = qkv(B, H, HKV, Q, KV, D, Dv, seed=11)
+        check_against_oracle(attn, q, k, v, {})
+
+
 def test_example_scale_is_passed_through(compiled):
     attn = compiled("alibi")
     q, k, v = qkv(1, 2, 2, 50, 70, 16)

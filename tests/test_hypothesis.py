@@ -31,21 +31,27 @@ def fmt(x: float) -> str:
     return f"{x:.3f}" if x >= 0 else f"({x:.3f})"
 
 
+LEAVES = ["score", "s_c", "p[h]", "0.05 * (q_idx - kv_idx)", "0.03 * kv_idx", "0.1 * h", "0.02 * (q_idx + kv_idx)",
+          "0.1 * (q_idx % 3)", "0.2 * (kv_idx // 16)", "p[h] * score", "score / (1.0 + p[h])"]
+
+
 @st.composite
-def term(draw) -> str:
+def term(draw, depth: int = 1) -> str:
     """A float expression with |value| <= a few, for |score| <= a few and indices < 64."""
-    leaf = draw(st.sampled_from([
-        "score", "s_c", "p[h]", "0.05 * (q_idx - kv_idx)", "0.03 * kv_idx", "0.1 * h", "0.02 * (q_idx + kv_idx)",
-        "0.1 * (q_idx % 3)", "0.2 * (kv_idx // 16)"]))
-    kind = draw(st.sampled_from(["bounded", "growing", "minmax", "where", "clamp", "exp", "plain"]))
+    leaf = draw(st.sampled_from(LEAVES)) if depth == 0 or draw(st.booleans()) else draw(term(depth - 1))
+    kind = draw(st.sampled_from(["bounded", "growing", "minmax", "where", "clamp", "exp", "log", "sqrt", "plain"]))
+    if kind == "log":
+        return f"log(1.0 + abs({leaf}))"
+    if kind == "sqrt":
+        return f"sqrt(abs({leaf}) + 0.5)"
     if kind == "bounded":
         return f"{draw(st.sampled_from(BOUNDED))}({leaf})"
     if kind == "growing":
         return f"{draw(st.sampled_from(GROWING))}({leaf} - {fmt(draw(small_float()))})"
-    if kind == "minmax":
-        return f"{draw(st.sampled_from(['min', 'max']))}({leaf}, {fmt(draw(small_float()))})"
-    if kind == "where":
-        return f"where(q_idx >= kv_idx + {draw(st.integers(-5, 5))}, {leaf}, {fmt(draw(small_float()))})"
+    if kind == "minmax":     # a float32-exact bound: see test_runtime's min/max precision test for why
+        return f"{draw(st.sampled_from(['min', 'max']))}({leaf}, {fmt(draw(st.integers(-16, 16)) / 8)})"
+    if kind == "where":      # one branch holds score: see test_runtime's float-literal precision test for why
+        return f"where(q_idx >= kv_idx + {draw(st.integers(-5, 5))}, {leaf}, {fmt(draw(small_float()))} * score)"
     if kind == "clamp":
         return f"clamp({leaf}, -1.0, 1.0)"
     if kind == "exp":
@@ -56,7 +62,9 @@ def term(draw) -> str:
 @st.composite
 def score_mod(draw) -> str:
     t = draw(term())
-    shape = draw(st.sampled_from(["add", "mul", "cap", "replace_bounded"]))
+    shape = draw(st.sampled_from(["add", "mul", "cap", "replace_bounded", "select"]))
+    if shape == "select":
+        return f"where(kv_idx % 2 == 0, score, 0.5 * score + 0.1 * {t})"
     if shape == "add":
         return f"score + {fmt(draw(small_float(-1, 1)))} * {t}"
     if shape == "mul":

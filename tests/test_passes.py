@@ -228,3 +228,26 @@ def test_tile_records_the_loop_carried_state():
     c = run_pipeline(lower(variant("causal")), stop_after="tile")
     assert c.facts["block_m"] > 0 and c.facts["block_n"] > 0
     assert any("carries" in line and "M1" in line for line in c.facts["tiling"])
+
+
+def test_simplify_folds_functions_of_constants():
+    v = variant("variant f\nscore = score + relu(-0.5) + sigmoid(0.0) + max(1, 2) + sqrt(4.0) + floor(1.5)\n")
+    s = simplify(lower(v)).get("S").body
+    assert not any(n.op in (E.Op.RELU, E.Op.SIGMOID, E.Op.MAX, E.Op.SQRT, E.Op.FLOOR) for n in s.walk())
+    assert s == simplify(lower(variant("variant f\nscore = score + 5.5\n"))).get("S").body
+
+
+def test_simplify_keeps_the_score_statement_even_when_constant_or_unread():
+    for text in ["variant c\nscore = 0.0\n", "variant c\nnorm = map(0.5)\n",
+                 "variant c\nnorm = rownorm(exp(0.1 * q_idx))\n"]:
+        out = run_pipeline(lower(variant(text)))
+        assert "S" in [s.name for s in out.stmts], text
+
+
+def test_defer_division_leaves_the_score_alone_when_it_is_the_weight():
+    # norm = linear: O = S * V. The scale inside S belongs to the score hook, not to the epilogue
+    out = run_pipeline(lower(variant("variant l\nnorm = linear\n")))
+    for s in out.stmts:
+        if s.name != "S":
+            assert not s.body.uses(E.Op.SIZE, "scale"), s
+    assert set(out.get("U").reads()) == {"S", "V"}

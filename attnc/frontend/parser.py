@@ -66,6 +66,12 @@ class _ToStmts(Transformer):
     def _tok_loc(self, tok) -> Loc:
         return loc_in(self.source, self.file, tok.line, tok.column)
 
+    def _number(self, tok) -> int | float:
+        v = _number(tok)
+        if isinstance(v, int) and v >= 2 ** 63:     # every backend computes integers in 64 bits
+            raise SpecError("integer literal too large", self._tok_loc(tok), "an integer below 2**63")
+        return v
+
     def start(self, children):
         return list(children)
 
@@ -92,11 +98,11 @@ class _ToStmts(Transformer):
             raise SpecError("a dimension must be a whole number or a size name", self._tok_loc(c[0]),
                             "an integer like 64, or a name like H or KV")
         return (int(c[0]), self._tok_loc(c[0]))
-    def pos_number(self, c): return _number(c[0])
-    def neg_number(self, c): return -_number(c[0])
+    def pos_number(self, c): return self._number(c[0])
+    def neg_number(self, c): return -self._number(c[0])
 
     # -- expressions --
-    def number(self, c): return const(_number(c[0])).replace(loc=self._tok_loc(c[0]))
+    def number(self, c): return const(self._number(c[0])).replace(loc=self._tok_loc(c[0]))
     def name(self, c): return Node(Op.NAME, arg=str(c[0]), loc=self._tok_loc(c[0]))
     def member(self, c): return Node(Op.MEMBER, arg=(str(c[0]), str(c[1])), loc=self._tok_loc(c[0]))
     def index(self, c): return Node(Op.LOAD, tuple(c[1:]), str(c[0]), loc=self._tok_loc(c[0]))

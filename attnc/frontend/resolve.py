@@ -15,6 +15,7 @@ RESERVED = set(E.INDEX_NAMES) | set(E.SIZE_NAMES) | set(E.FUNCTIONS) | {
     "score", "mask", "norm", "softmax", "sigmoid", "relu", "linear", "map", "rownorm", "true", "false",
     "inf"} | set(keyword.kwlist)
 NAMED_NORMS = ("softmax", "sigmoid", "relu", "linear")
+CALL_ARGS = ("q", "k", "v", "scale", "return_lse", "self")
 
 
 def softmax_norm(sink: Node | None = None) -> Node:
@@ -85,15 +86,19 @@ class Resolver:
         value = st.value
         if st.name in self.overrides:
             new = self.overrides[st.name]
-            if isinstance(new, bool) or not isinstance(new, (int, float)) or new != new:
+            if isinstance(new, bool) or not isinstance(new, (int, float)) or new != new or (
+                    isinstance(new, int) and abs(new) >= 2 ** 63):
                 raise SpecError(f"const '{st.name}' must be overridden with a number, got {new!r}", st.loc,
-                                "an int or a float (not NaN)")
+                                "a float, or an int below 2**63")
             if isinstance(value, int) and isinstance(new, float) and not new.is_integer():
                 raise SpecError(f"const '{st.name}' is an integer; got {new}", st.loc, "a whole number")
             value = int(new) if isinstance(value, int) else float(new)
         sc.consts[st.name] = value
 
     def _stmt_param(self, sc: _Scope, st: Stmt):
+        if st.name in CALL_ARGS:        # params are keyword arguments of attn(q, k, v, *, scale, return_lse, ...)
+            raise SpecError(f"'{st.name}' is an argument of attn(q, k, v, scale=..., return_lse=...) and cannot "
+                            f"name a param", st.loc, "another name")
         self._declare(sc, st.name, st.loc, "param")
         dtype, dims, dloc = st.value
         if dtype not in DTYPES:

@@ -11,6 +11,7 @@ from attnc.ir import expr as E
 from attnc.ir.cascade import Cascade, Einsum, tensor
 from attnc.ir.expr import Node, Op
 from attnc.passes.simplify import drop_unused
+from attnc.passes.sym import canonical
 
 
 def depends_on_n(n: Node, c: Cascade) -> bool:
@@ -41,11 +42,20 @@ def split(n: Node, c: Cascade) -> tuple[Node, list[tuple[Op, Node]]]:
     return n, []
 
 
+def weight_of(c: Cascade) -> Node:
+    """The weight w in O = w * V, a weight statement (P) inlined. A read of the score S stays a read: S is the
+    plan's score hook (its scale is folded into q), so its body must not be split here."""
+    o, v = c.get("O"), tensor("V")
+    a, b = o.body.src if o.body.op is Op.MUL else (o.body, None)
+    w = a if b == v else b if a == v else canonical(o.body / v)
+    if w.op is Op.TENSOR and w.arg != "S" and c.get(w.arg).reduce is None:
+        w = c.get(w.arg).body
+    return w
+
+
 def defer_division(c: Cascade) -> Cascade:
     o = c.get("O")
-    p_name = next(r for r in o.reads() if r != "V")
-    weight = c.get(p_name).body
-    rest, factors = split(weight, c)
+    rest, factors = split(weight_of(c), c)
     u = Einsum("U", o.ranks, rest * tensor("V"), "+", ("n",))
     out = tensor("U")
     for op, f in factors:

@@ -2,7 +2,10 @@
 statements, unused statements dropped, and each statement's ranks cut to the ones its body really uses."""
 from __future__ import annotations
 
+import math
 from typing import Callable
+
+import torch
 
 from attnc.ir import expr as E
 from attnc.ir.cascade import INDEX_RANK, Cascade, Einsum, tensor
@@ -30,10 +33,31 @@ RULES: list[Callable[[Node], Node | None]] = [
     lambda n: n.src[0] if n.op in (Op.AND, Op.OR) and n.src[0] == n.src[1] else None,   # x and x -> x
     lambda n: n.src[0].src[0] if n.op is Op.NOT and n.src[0].op is Op.NOT else None,    # not not x -> x
     lambda n: _fold_compare(n),                                                          # 3 < 4 -> True
+    lambda n: _fold_call(n),                                                             # relu(-0.5) -> 0.0
 ]
 
 _CMP = {Op.LT: lambda a, b: a < b, Op.LE: lambda a, b: a <= b, Op.GT: lambda a, b: a > b,
         Op.GE: lambda a, b: a >= b, Op.EQ: lambda a, b: a == b, Op.NE: lambda a, b: a != b}
+
+
+# functions sympy keeps opaque, folded on a constant with the meaning the backends give them (float64 torch)
+_FOLD: dict[Op, Callable] = {
+    Op.EXP2: torch.exp2, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt, Op.RSQRT: torch.rsqrt, Op.SIGMOID: torch.sigmoid,
+    Op.SOFTPLUS: torch.nn.functional.softplus, Op.RELU: torch.relu, Op.ABS: torch.abs, Op.SIGN: torch.sign,
+    Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
+}
+
+
+def _fold_call(n: Node) -> Node | None:
+    if n.op in (Op.MIN, Op.MAX) and all(s.op is Op.CONST and s.dtype != BOOL for s in n.src):
+        v = (min if n.op is Op.MIN else max)(s.arg for s in n.src)
+        return E.const(int(v) if n.dtype == E.INT else float(v))
+    if n.op not in _FOLD or n.src[0].op is not Op.CONST or n.src[0].dtype == BOOL:
+        return None
+    v = _FOLD[n.op](torch.tensor(float(n.src[0].arg), dtype=torch.float64)).item()
+    if not math.isfinite(v) and (math.isnan(v) or n.dtype == E.INT):
+        return None                                  # no constant to write: leave it to the kernel
+    return E.const(int(v) if n.dtype == E.INT else float(v))
 
 
 def _fold_compare(n: Node) -> Node | None:
@@ -59,7 +83,9 @@ def rewrite(root: Node) -> Node:
 
 
 def simplify_body(n: Node) -> Node:
-    return rewrite(canonical(rewrite(n)))
+    x = canonical(rewrite(n))
+    y = rewrite(x)
+    return y if y == x else rewrite(canonical(y))     # a rule folded something sympy can now combine
 
 
 def rank_of(c_ranks: dict[str, tuple[str, ...]], s: Einsum) -> tuple[str, ...]:
@@ -73,6 +99,9 @@ def rank_of(c_ranks: dict[str, tuple[str, ...]], s: Einsum) -> tuple[str, ...]:
     return tuple(r for r in ("b", "h", "m", "n", "f") if r in used)
 
 
+KEEP = ("S",)     # the score statement is the plan's score hook: kept even when constant or unread
+
+
 def simplify(c: Cascade) -> Cascade:
     ranks = {"Q": ("b", "h", "m", "e"), "K": ("b", "h", "n", "e"), "V": ("b", "h", "n", "f")}
     rename: dict[Node, Node] = {}
@@ -81,7 +110,7 @@ def simplify(c: Cascade) -> Cascade:
     for s in c.stmts:
         body = E.substitute(s.body, rename) if rename else s.body
         body = body if s.name == "QK" else simplify_body(body)
-        if body.op in (Op.TENSOR, Op.CONST) and s.reduce is None and s.name not in c.outputs:
+        if body.op in (Op.TENSOR, Op.CONST) and s.reduce is None and s.name not in c.outputs + KEEP:
             rename[tensor(s.name, s.body.dtype)] = body          # a copy or a constant: read it directly
             continue
         key = (body, s.reduce, s.over, s.running, s.rescale)
@@ -97,7 +126,7 @@ def simplify(c: Cascade) -> Cascade:
 
 
 def drop_unused(stmts: list[Einsum], outputs: tuple[str, ...]) -> list[Einsum]:
-    live = set(outputs)
+    live = set(outputs) | set(KEEP)
     for s in reversed(stmts):
         if s.name in live:
             live |= set(s.reads())

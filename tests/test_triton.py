@@ -1,0 +1,271 @@
+"""The Triton backend: every example through the generated kernel under TRITON_INTERPRET=1 on CPU tensors,
+against the float64 oracle; kernels compiled for sm_90 without a GPU; realistic shapes where CUDA is."""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:        # before triton is imported: it builds tl's standard library in the mode it finds then
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+import attnc  # noqa: E402
+from attnc.backends import triton_backend  # noqa: E402
+
+try:
+    from helpers import EXAMPLE_IDS, check_against_oracle, example, qkv, random_params
+except ImportError:                                     # tests/ imported as a package
+    from tests.helpers import EXAMPLE_IDS, check_against_oracle, example, qkv, random_params
+
+if not CUDA and not isinstance(triton.language.standard.sigmoid, triton.runtime.interpreter.InterpretedFunction):
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run this file on its own",
+                allow_module_level=True)
+
+DEVICE = "cuda" if CUDA else "cpu"      # interpreted on CPU tensors, compiled where a GPU is
+# (B, H, HKV, Q, KV, D, Dv): ragged with Q != KV and GQA; B > 1 with equal lengths
+SHAPES = {"ragged_gqa": (1, 2, 1, 37, 53, 16, 16), "batched": (2, 2, 2, 16, 16, 32, 32)}
+FP32_FLOOR = 1e-4
+cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+_compiled: dict = {}
+
+
+def compiled(name: str, **consts) -> attnc.Compiled:
+    key = (name, tuple(sorted(consts.items())))
+    if key not in _compiled:
+        _compiled[key] = attnc.compile(example(name), backend="triton", **consts)
+    return _compiled[key]
+
+
+def inputs(attn, shape, dtype=torch.float32, seed=0):
+    """q, k, v and params on DEVICE."""
+    B, H, HKV, Q, KV, D, Dv = shape
+    q, k, v = (t.to(DEVICE) for t in qkv(B, H, HKV, Q, KV, D, Dv, dtype, seed=seed))
+    return q, k, v, {n: t.to(DEVICE) for n, t in random_params(attn, B, H, HKV, Q, KV, D, seed=seed + 1).items()}
+
+
+def sizes_of(shape, attn=None, params=None) -> dict:
+    """The sizes a call binds: the shape's, and free dims from the params' shapes."""
+    B, H, HKV, Q, KV, D, _ = shape
+    out = {"B": B, "H": H, "HKV": HKV, "Q": Q, "KV": KV, "D": D}
+    for name, (_, dims) in (attn.param_specs.items() if attn is not None else ()):
+        for d, n in zip(dims, params[name].shape):
+            if isinstance(d, str) and d not in out:
+                out[d] = n
+    return out
+
+
+def run_check(attn, shape, dtype=torch.float32, seed=0, lse=True, floor=None):
+    q, k, v, params = inputs(attn, shape, dtype, seed)
+    floor = FP32_FLOOR if floor is None and dtype == torch.float32 else floor
+    return check_against_oracle(attn, q, k, v, params, lse=lse, floor=floor)
+
+
+# -- every example --
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("name", EXAMPLE_IDS)
+def test_example_matches_the_oracle(name, shape):
+    run_check(compiled(name), SHAPES[shape])
+
+
+@pytest.mark.parametrize("name,consts,shape,empty,full", [
+    ("sliding_window", {"window": 40}, (1, 2, 1, 130, 150, 24, 40), True, True),
+    ("dilated_sliding_window", {"window": 20, "dilation": 3}, (1, 1, 1, 100, 120, 16, 16), True, False),
+    ("prefix_lm", {"prefix": 20}, (1, 1, 1, 100, 90, 80, 80), True, True),    # D = 80, padded to 128
+    ("document", {}, (2, 2, 1, 100, 100, 16, 16), True, False),               # tiles from the doc ids
+])
+def test_block_sparsity_skips_empty_tiles_and_the_mask_on_full_ones(name, consts, shape, empty, full):
+    attn = compiled(name, **consts)
+    q, k, v, params = inputs(attn, shape, seed=5)
+    cfg = triton_backend.launch_config(attn, attn.plan(True, "triton"), q, v, params, sizes_of(shape, attn, params))
+    if triton_backend.interpreting():       # block sizes fixed at 32 x 32: the tile counts are known
+        n_tiles = -(-shape[3] // cfg.block_m) * -(-shape[4] // cfg.block_n)
+        assert (int(cfg.blocks[0].sum() + cfg.blocks[2].sum()) < n_tiles) == empty
+        assert (int(cfg.blocks[2].sum()) > 0) == full
+    check_against_oracle(attn, q, k, v, params, floor=FP32_FLOOR)
+
+
+def test_strided_inputs_and_params():
+    attn = compiled("t5_bias")
+    q, k, v, params = inputs(attn, SHAPES["ragged_gqa"], seed=3)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))      # [B, N, H, D] memory
+    params = {"rel_bias": params["rel_bias"].t().contiguous().t()}                       # column-major
+    assert params["rel_bias"].stride(1) != 1
+    check_against_oracle(attn, q, k, v, params, floor=FP32_FLOOR)
+
+
+# -- decoding: split-KV --
+@pytest.mark.parametrize("name", ["full", "cog", "relu2"])
+def test_decode_splits_the_keys_and_merges_through_the_states(name):
+    # full: a max and its sums; cog: two maxima; relu2: an unrescaled sum beside a rescaled one
+    attn = compiled(name)
+    shape = (1, 2, 1, 1, 1100, 16, 16)
+    q, k, v, params = inputs(attn, shape, seed=7)
+    assert triton_backend.launch_config(attn, attn.plan(True, "triton"), q, v, params, sizes_of(shape)).n_splits > 1
+    check_against_oracle(attn, q, k, v, params, floor=FP32_FLOOR)
+    check_against_oracle(attn, q, k, v, params, lse=False, floor=FP32_FLOOR)
+
+
+def test_two_pass_plans_run_unsplit():
+    attn = compiled("hinge")
+    shape = (1, 2, 1, 1, 1100, 16, 16)
+    q, k, v, params = inputs(attn, shape, seed=8)
+    assert triton_backend.launch_config(attn, attn.plan(True, "triton"), q, v, params, sizes_of(shape)).n_splits == 1
+    check_against_oracle(attn, q, k, v, params, floor=FP32_FLOOR)
+
+
+# -- dtypes, rows with nothing kept, index arithmetic, callbacks --
+def test_bf16():
+    run_check(compiled("alibi"), SHAPES["ragged_gqa"], torch.bfloat16, floor=2e-2)
+
+
+def test_fp16():
+    run_check(compiled("softcap"), SHAPES["batched"], torch.float16, floor=2e-3)
+
+
+def test_rows_with_nothing_kept_give_zero_and_minus_inf():
+    attn = attnc.compile("variant late\nmask = kv_idx >= q_idx + 20\n", backend="triton")
+    q, k, v, _ = inputs(attn, (1, 2, 1, 53, 53, 16, 16), seed=9)
+    out, lse = attn(q, k, v, return_lse=True)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[:, :, 33:], torch.zeros_like(out[:, :, 33:]))
+    assert torch.isneginf(lse[:, :, 33:]).all() and torch.isfinite(lse[:, :, :33]).all()
+    check_against_oracle(attn, q, k, v, {}, floor=FP32_FLOOR)
+
+
+def test_mod_and_floordiv_of_negative_operands_round_like_python():
+    attn = attnc.compile("variant negmod\nlet d = q_idx - kv_idx\n"
+                         "score = score + 0.5 * (d % 3) + 0.1 * (d // 4) + 0.2 * (d % -5)\n", backend="triton")
+    run_check(attn, SHAPES["ragged_gqa"], seed=10)
+
+
+def test_callbacks_with_a_closed_over_tensor():
+    slopes = (torch.rand(2) * 0.5 + 0.1).to(DEVICE)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+
+    attn = attnc.compile(score_mod=alibi, mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, backend="triton")
+    q, k, v, _ = inputs(attn, SHAPES["ragged_gqa"], seed=11)
+    check_against_oracle(attn, q, k, v, {}, floor=FP32_FLOOR)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = qkv(1, 1, 1, 8, 8, 16)
+    with pytest.raises(attnc.CallError, match="TRITON_INTERPRET"):
+        compiled("full")(q, k, v)
+
+
+# -- the generated source --
+def test_source_reads_like_the_fused_attention_tutorial():
+    src = compiled("causal").source("triton")
+    for text in ("start_m = tl.program_id(0)", "off_hz = tl.program_id(1)", "offs_m = ", "offs_n = ",
+                 "# -- compute qk --", "# -- update m_i and l_i --", "# epilogue", "tl.dot(",
+                 "qk_scale = sm_scale * LOG2E", "p = tl.exp2(qk - m_i_ref)", "off_b.to(tl.int64) * stride_qz",
+                 'triton.autotune(configs=CONFIGS, key=["N_Q", "N_KV", "HEAD_DIM"])'):
+        assert text in src, text
+    assert "tl.exp(" not in src
+
+
+def test_scores_not_folded_to_base_2_use_exp2_times_log2e():
+    src = compiled("alibi").source("triton")
+    assert "qk_scale = sm_scale\n" in src
+    assert "tl.exp2((s - m_i_ref) * LOG2E)" in src
+    assert "slopes_h = tl.load(p_slopes + off_h * stride_slopes_0)" in src      # hoisted out of the key loop
+
+
+def test_param_loads_are_masked_to_the_rows_and_columns_that_exist():
+    src = compiled("t5_bias").source("triton")
+    assert ("tl.load(p_rel_bias + off_h * stride_rel_bias_0 + (N_KV + offs_m[:, None] - offs_n[None, :] - 1)"
+            " * stride_rel_bias_1, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_KV), other=0)") in src
+
+
+# -- compiled for a GPU without one: what the interpreter forgives --
+def compile_for_sm90(cases):
+    """Run in a fresh interpreter without TRITON_INTERPRET: triton.compile each (example, dtype, lse, split)
+    kernel, and its split-KV merge kernel, for sm_90."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import attnc
+    from attnc.backends import triton_backend
+    pointer = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "i32": "*i32", "i64": "*i64", "bool": "*i1"}
+    for path, dtype, lse, split in cases:
+        attn = attnc.compile(path, backend="triton")
+        plan = attn.plan(lse, "triton")
+        module = triton_backend.load_module(attn.source("triton", lse), plan.name)
+        params = {p.name: p for p in plan.params}
+        values = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_DMODEL": 64, "BLOCK_DV": 64, "SPLIT_KV": split,
+                  "DOT_DTYPE": {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype],
+                  "INPUT_PRECISION": "ieee"}
+        for kernel in (module[plan.name + "_kernel"].fn, module.get(plan.name + "_merge") if split else None):
+            if kernel is None:
+                continue
+            signature, constexprs = {}, {}
+            for i, name in enumerate(kernel.arg_names):
+                if name in values:
+                    signature[name], constexprs[(i,)] = "constexpr", values[name]
+                elif (name == "Lse" and not lse) or (name.startswith("ws_") and not split):
+                    signature[name], constexprs[(i,)] = "constexpr", None
+                elif name in ("Q", "K", "V", "Out"):
+                    signature[name] = "*" + dtype
+                elif name == "Lse" or name.startswith("ws_"):
+                    signature[name] = "*fp32"
+                elif name.endswith(("NUM_BLKS", "KV_IDX")):
+                    signature[name] = "*i32"
+                elif name.startswith("p_"):
+                    signature[name] = pointer[params[name[2:]].dtype]
+                else:
+                    signature[name] = "fp32" if name == "sm_scale" else "i32"
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        print("compiled", path, dtype, lse, split, flush=True)
+
+
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    cases = [(example(name), dtype, lse, split) for name, dtype, lse, split in (
+        ("alibi", "fp16", True, True), ("t5_bias", "bf16", False, False), ("hinge", "fp32", True, False),
+        ("natten", "fp16", True, False), ("softplus", "bf16", True, True), ("sigmoid", "fp32", False, True))]
+    script = inspect.getsource(compile_for_sm90) + f"\ncompile_for_sm90({cases!r})\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("triton's CUDA toolchain (ptxas) is missing")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("compiled") == len(cases)
+
+
+# -- on a GPU, realistic shapes --
+GPU_SHAPES = {"prefill": (2, 8, 2, 1024, 1024, 128, 128), "ragged": (1, 4, 4, 1000, 1500, 96, 64),
+              "decode": (4, 32, 8, 1, 8192, 128, 128)}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+@pytest.mark.parametrize("name", ["full", "causal", "alibi", "document", "sliding_window", "sinks", "sigmoid",
+                                  "hinge", "t5_bias", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_matches_the_oracle(name, shape, dtype):
+    if name == "document" and GPU_SHAPES[shape][3] != GPU_SHAPES[shape][4]:
+        pytest.skip("document masking is self-attention")
+    run_check(compiled(name), GPU_SHAPES[shape], dtype, seed=12, floor=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fp32_is_ieee_accurate():
+    run_check(compiled("alibi"), (1, 4, 2, 300, 557, 80, 80), torch.float32, seed=14)
