@@ -138,10 +138,13 @@ def build_plan(c: Cascade) -> KernelPlan:
                       tuple(c.facts.get("notes", ())), tuple(v.params.values()))
 
 
-def promote(plan: KernelPlan) -> KernelPlan:
-    """The plan with integer operands of float ops marked TOFLOAT, for backends that must cast."""
+def promote(plan: KernelPlan, then=lambda n: n) -> KernelPlan:
+    """The plan with integer operands of float ops marked TOFLOAT, for backends that must cast;
+    `then` is a backend's own rewrite applied after."""
     from dataclasses import replace
-    p = E.promote_ints
+
+    def p(n: Node) -> Node:
+        return then(E.promote_ints(n))
     passes = tuple(KVPass(tuple(replace(s, value=p(s.value)) for s in ps.states)) for ps in plan.passes)
     return replace(plan, score=p(plan.score), mask=plan.mask and p(plan.mask), passes=passes,
                    epilogue=tuple((n, p(e)) for n, e in plan.epilogue))

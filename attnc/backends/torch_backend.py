@@ -26,9 +26,9 @@ TABLE: dict[Op, tuple[str, int]] = {
     Op.SIGN: ("torch.sign({0})", ATOM), Op.FLOOR: ("torch.floor({0})", ATOM), Op.CEIL: ("torch.ceil({0})", ATOM),
     Op.MIN: ("torch.minimum(torch.as_tensor({0}), torch.as_tensor({1}))", ATOM),
     Op.MAX: ("torch.maximum(torch.as_tensor({0}), torch.as_tensor({1}))", ATOM),
+    Op.TOFLOAT: ("torch.as_tensor({0}, dtype=acc_dtype)", ATOM),
     Op.WHERE: ("torch.where({0}, {1}, {2})", ATOM),
     Op.DIVZ: ("torch.where({1} == 0, 0.0, {0} / {1})", ATOM, 12),
-    Op.TOFLOAT: ("{0}.to(acc_dtype)", ATOM, ATOM),
 }
 INDEX_VARS = {"b": "offs_b", "h": "offs_h", "q_idx": "offs_m", "kv_idx": "offs_n"}
 
@@ -90,8 +90,22 @@ def size_lines(plan: KernelPlan, exprs: list[Node]) -> list[tuple[str, str]]:
     return [(f"size_{s}", f"torch.tensor({SIZE_SOURCES.get(s) or free[s]})") for s in used]
 
 
+def literal_floats(root: Node) -> Node:
+    """Float literals that where/min/max would otherwise turn into float32 scalars: make them tensors
+    of the accumulation dtype (torch.as_tensor(0.1, dtype=acc_dtype))."""
+    def fix(n: Node) -> Node | None:
+        if n.op not in (Op.WHERE, Op.MIN, Op.MAX) or n.dtype != E.FLOAT:
+            return None
+        if not any(s.op is Op.CONST and s.dtype == E.FLOAT for s in n.src):
+            return None
+        srcs = tuple(E.Node(Op.TOFLOAT, (s,), dtype=E.FLOAT) if s.op is Op.CONST and s.dtype == E.FLOAT else s
+                     for s in n.src)
+        return E.Node(n.op, srcs, n.arg, n.dtype)
+    return E.bottom_up(root, fix)
+
+
 def render_plan(plan: KernelPlan) -> str:
-    plan = promote(plan)
+    plan = promote(plan, literal_floats)
     names: dict[Node, str] = {}
     hoisted_kernel, hoisted_row = [], []
     exprs = [plan.score] + ([plan.mask] if plan.mask is not None else []) + [
@@ -106,13 +120,31 @@ def render_plan(plan: KernelPlan) -> str:
                 level.append((name, TARGET.text(n, names)))
                 names[n] = name
     tile_names = dict(names)
+    score_wide = plan.score.uses(Op.TENSOR, "qk")
     score_lines = linearize([("s", plan.score)], TARGET, tile_names, "s")
+    if not score_wide:      # a score that ignores q.k still has one value per pair of the tile
+        score_lines.append(("s", f"torch.as_tensor({tile_names[plan.score]}, dtype=acc_dtype).expand_as(qk)"))
+        tile_names[plan.score] = "s"
     tile_names[E.Node(Op.TENSOR, arg="s")] = tile_names[plan.score]     # s may simply be qk
+
+    def wide(n: Node) -> bool:
+        return n.uses(Op.TENSOR, "qk") or n.uses(Op.TENSOR, "s")
+
+    def widen(lines: list, states, pn: dict) -> dict[str, str]:
+        """Each state's per-pair variable; values that do not vary over the whole tile are expanded to it."""
+        out = {}
+        for st in states:
+            out[st.name] = pn[st.value]
+            if not wide(st.value):
+                lines.append((f"{st.name}_pairs", f"torch.as_tensor({pn[st.value]}, dtype=acc_dtype).expand_as(qk)"))
+                out[st.name] = f"{st.name}_pairs"
+        return out
     mask_lines = linearize([("keep", plan.mask)], TARGET, dict(names), "k") if plan.mask is not None else []
     passes = []
     for i, p in enumerate(plan.passes):
         pn = dict(tile_names)
         max_lines = linearize([(f"{s.name}_tile", s.value) for s in p.maxes], TARGET, pn, f"x{i + 1}_")
+        max_value = widen(max_lines, p.maxes, pn)
         alphas = [(a, TARGET.text(E.make(Op.EXP, E.const(c) * (E.Node(Op.TENSOR, arg=m) -
                                                                  E.Node(Op.TENSOR, arg=f"{m}_ref"))) if c != 1 else
                                   E.make(Op.EXP, E.Node(Op.TENSOR, arg=m) - E.Node(Op.TENSOR, arg=f"{m}_ref"))))
@@ -121,6 +153,7 @@ def render_plan(plan: KernelPlan) -> str:
         value_roots = [("p" if s.kind == "dot" else f"{s.name}_tile", s.value)
                        for s in sorted(p.sums, key=lambda s: s.kind != "dot")]
         sum_lines = linearize(value_roots, TARGET, pn, f"y{i + 1}_")
+        sum_value = widen(sum_lines, p.sums, pn)
         dot = next((s for s in p.sums if s.kind == "dot"), None)
         # a sum of the dot's own weights rides along the P·V product as a column of ones in V
         riders = [s.name for s in p.sums if dot is not None and s.kind == "sum" and s.value == dot.value
@@ -128,20 +161,21 @@ def render_plan(plan: KernelPlan) -> str:
         passes.append({
             "number": i + 1,
             "states": [{"name": s.name, "init": leaf(INIT[s.kind]), "kind": s.kind} for s in p.states],
-            "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": pn.get(s.value, f"{s.name}_tile")}
+            "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": max_value[s.name]}
                       for s in p.maxes],
             "max_lines": max_lines,
             "alphas": alphas,
             "sum_lines": sum_lines,
-            "sums": [{"name": s.name, "kind": s.kind, "value": pn[s.value],
+            "sums": [{"name": s.name, "kind": s.kind, "value": sum_value[s.name],
                       "alpha": " * ".join(alpha_of[r] for r in s.rescale)} for s in p.sums if s.name not in riders],
             "riders": riders,
-            "dot_fresh": dot is not None and pn[dot.value] == "p",
+            "dot_fresh": dot is not None and sum_value[dot.name] == "p",
         })
     epilogue = [(n, TARGET.text(e, dict(names))) for n, e in plan.epilogue]
     v = plan.variant
     return render_template(
-        "torch/forward.py.j2", kernel_name=plan.name, variant=v.name, source=v.file, notes=list(plan.notes),
+        "torch/forward.py.j2", kernel_name=plan.name, variant=v.name, source=ascii(v.file)[1:-1],
+        notes=list(plan.notes),
         pass_count=plan.pass_count, params=[p.name for p in plan.params],
         size_lines=size_lines(plan, exprs), float_params=[p.name for p in plan.params if p.kind == "float"],
         hoisted_kernel=hoisted_kernel, hoisted_row=hoisted_row, score_lines=score_lines,

@@ -194,14 +194,15 @@ def promote_ints(root: Node) -> Node:
         srcs = tuple(_as_float(s) if s.dtype == INT and not (n.op is Op.POW and i == 1) else s
                      for i, s in enumerate(n.src))
         return Node(n.op, srcs, n.arg, FLOAT, n.loc)
-    return _bottom_up(root, fix)
+    return bottom_up(root, fix)
 
 
 def _as_float(n: Node) -> Node:
     return const(float(n.arg)) if n.op is Op.CONST else Node(Op.TOFLOAT, (n,), dtype=FLOAT)
 
 
-def _bottom_up(root: Node, fix) -> Node:
+def bottom_up(root: Node, fix) -> Node:
+    """Rebuild root from the leaves up; fix(node over rebuilt operands) may return a replacement."""
     memo: dict[Node, Node] = {}
     for n in root.walk():
         srcs = tuple(memo[s] for s in n.src)
