@@ -236,8 +236,13 @@ def compile_for_sm90(cases):
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     cases = [(example(name), dtype, lse, split) for name, dtype, lse, split in (
-        ("alibi", "fp16", True, True), ("t5_bias", "bf16", False, False), ("hinge", "fp32", True, False),
-        ("natten", "fp16", True, False), ("softplus", "bf16", True, True), ("sigmoid", "fp32", False, True))]
+        ("alibi", "fp16", True, True),          # a hoisted param read, a mask, the merge kernel
+        ("t5_bias", "bf16", False, False),      # a 2-D param read per tile, a free dim
+        ("hinge", "fp32", True, False),         # two passes over the keys
+        ("natten", "fp16", True, False),        # py_mod, py_floordiv, abs
+        ("cog", "bf16", True, True),            # two maxima, sign
+        ("softcap", "fp16", True, False),       # tanh
+        ("sigmoid", "fp32", False, True))]      # no lse (Lse is None)
     script = inspect.getsource(compile_for_sm90) + f"\ncompile_for_sm90({cases!r})\n"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])

@@ -4,9 +4,12 @@ Tiles are [B, HKV, GROUP, BLOCK_M, BLOCK_N]: every batch and head at once, the q
 kv head stacked so one bmm serves the group (GQA). Index variables are broadcastable aranges."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
+
+import torch
 
 from attnc.backends.codegen import Target, linearize, render_template
 from attnc.ir import expr as E
@@ -15,6 +18,23 @@ from attnc.ir.printer import ATOM, INFIX, number
 from attnc.plan import INIT, KernelPlan, promote
 
 BLOCK_M, BLOCK_N = 256, 512
+# tile shapes the runtime chooses from per call (the kernel takes its tiles as an argument)
+TILE_SHAPES = ((256, 512), (128, 256), (64, 128))
+# a rough model of this backend on a CPU: seconds per score element of a full tile, the extra factor
+# for a partial tile (mask evaluated and applied), and the fixed cost of visiting a tile (~20 torch ops)
+ELEMENT_S, PARTIAL_FACTOR, TILE_S = 2.5e-9, 1.6, 3e-4
+
+
+def tile_cost(tiles: list, block_m: int, sizes: dict) -> float:
+    """Estimated seconds to run `tiles` (from Compiled.tiles) with query tiles of block_m rows."""
+    heads = sizes["B"] * sizes["H"]
+    total = 0.0
+    for start_m, kv in tiles:
+        rows = min(block_m, sizes["Q"] - start_m)
+        for start_n, end_n, full in kv:
+            area = rows * (end_n - start_n) * heads
+            total += area * ELEMENT_S * (1.0 if full else PARTIAL_FACTOR) + TILE_S
+    return total
 
 TABLE: dict[Op, tuple[str, int]] = {
     **INFIX,
@@ -72,6 +92,20 @@ def keep_tiles_in_the_heap() -> bool:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush denormal floats to zero while a kernel runs. exp(s - m) of far-away keys (ALiBi, long rows)
+    lands in the denormal range, where x86 arithmetic is many times slower; the weights lost are below
+    1e-38 of the row's largest. The caller's setting is restored after."""
+    was_on = torch.tensor([1e-39]).mul(1.0).item() == 0.0     # torch has no getter: probe it
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not was_on:
+            torch.set_flush_denormal(False)
 
 
 def _hoistable(n: Node) -> bool:

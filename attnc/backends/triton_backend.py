@@ -10,7 +10,7 @@ import linecache
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,11 +22,10 @@ from attnc.ir.printer import ATOM, INFIX, number
 from attnc.passes.block_sparsity import FULL, PARTIAL
 from attnc.plan import KernelPlan, KVPass, promote
 
-BLOCK_M, BLOCK_N = 128, 64          # the plan's defaults; launch picks per shape and classifies with the same
-LOG2E = 1.4426950408889634
-SPLIT_MAX_Q, SPLIT_MIN_KV = 16, 1024  # split-KV decoding: few queries, many keys
+BLOCK_M, BLOCK_N = 128, 64              # the plan's defaults; launch picks per shape and classifies with those
+SPLIT_MAX_Q, SPLIT_MIN_KV = 16, 1024    # split-KV decoding: few queries, many keys
 MAX_SPLITS = 64
-AUTOTUNE_KEY = ["N_Q", "N_KV", "HEAD_DIM"]
+LN2 = 0.6931471805599453
 
 TABLE: dict[Op, tuple] = {
     **INFIX,
@@ -47,9 +46,9 @@ TABLE: dict[Op, tuple] = {
 INDEX_VARS = {"b": "off_b", "h": "off_h", "q_idx": "offs_m[:, None]", "kv_idx": "offs_n[None, :]"}
 SIZE_VARS = {"B": "B", "H": "H", "HKV": "HKV", "Q": "N_Q", "KV": "N_KV", "D": "HEAD_DIM"}
 # names the template itself binds: a hoisted param read must not take one
-RESERVED = {"q", "k", "v", "p", "s", "qk", "keep", "out", "lse", "acc", "alpha", "split", "num", "tanh", "sign", "divz",
-            "softplus", "py_mod", "py_floordiv", "start_m", "start_n", "off_hz", "off_b", "off_h", "off_hkv",
-            "offs_m", "offs_n", "offs_d", "offs_dv", "qk_scale", "row", "row_ok", "i", "lo", "hi"}
+RESERVED = {"q", "k", "v", "p", "s", "qk", "keep", "out", "lse", "acc", "alpha", "split", "num", "part", "row",
+            "row_ok", "i", "lo", "hi", "tanh", "sign", "divz", "softplus", "py_mod", "py_floordiv", "start_m",
+            "start_n", "off_hz", "off_b", "off_h", "off_hkv", "offs_m", "offs_n", "offs_d", "offs_dv", "qk_scale"}
 NEG_INF = 'float("-inf")'
 
 
@@ -114,7 +113,6 @@ def lower(root: Node) -> Node:
 
 
 def _lowered(plan: KernelPlan) -> KernelPlan:
-    from dataclasses import replace
     plan = promote(plan)
     passes = tuple(KVPass(tuple(replace(s, value=lower(s.value)) for s in p.states)) for p in plan.passes)
     return replace(plan, score=lower(plan.score), mask=plan.mask and lower(plan.mask), passes=passes,
@@ -122,9 +120,6 @@ def _lowered(plan: KernelPlan) -> KernelPlan:
 
 
 # -- base 2: exp2 with log2(e) folded into qk_scale --
-LN2 = 0.6931471805599453
-
-
 def _scaled_names(plan: KernelPlan) -> set[str]:
     maxes = [s.name for p in plan.passes for s in p.maxes]
     return {"qk", "s"} | set(maxes) | {f"{m}{x}" for m in maxes for x in ("_ref", "_part")}
@@ -162,7 +157,6 @@ def base2(plan: KernelPlan) -> KernelPlan | None:
     """The plan in base-2 units, when qk's only role is exp(linear combination of qk and its running
     maxima): qk_scale then carries log2(e), each such exp becomes exp2 of the same argument, and the
     epilogue reads each maximum times ln 2. None when the plan uses qk any other way."""
-    from dataclasses import replace
     if plan.score != _tensor("qk") or any(s.value != _tensor("s") for p in plan.passes for s in p.maxes):
         return None
     scaled = _scaled_names(plan)
@@ -196,8 +190,10 @@ def _alpha(m: str, c: float, old: str) -> Node:
     return E.make(Op.EXP, diff if c == 1 else E.const(c) * diff)
 
 
-def _row(name: str) -> str:
-    return f"tl.full([BLOCK_M, 1], {NEG_INF}, dtype=tl.float32)" if name == "max" else \
+def _init(kind: str) -> str:
+    if kind == "dot":
+        return "tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)"
+    return f"tl.full([BLOCK_M, 1], {NEG_INF}, dtype=tl.float32)" if kind == "max" else \
         "tl.zeros([BLOCK_M, 1], dtype=tl.float32)"
 
 
@@ -243,8 +239,7 @@ def _render_pass(i: int, p: KVPass, tile_names: dict[Node, str], exp) -> dict:
         sums.append({"name": s.name, "rhs": f"{scaled} + tl.sum({tile}, 1, keep_dims=True)"})
     return {
         "number": i, "targets": ", ".join(s.name for s in p.states),
-        "states": [{"name": s.name, "init": "tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)" if s.kind == "dot"
-                    else _row(s.kind)} for s in p.states],
+        "states": [{"name": s.name, "init": _init(s.kind)} for s in p.states],
         "max_lines": max_lines,
         "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": pn[s.value]} for s in p.maxes],
         "alphas": [(a, TARGET.text(exp(_alpha(m, c, m)))) for a, m, c in alphas],
@@ -414,8 +409,8 @@ def launch_config(compiled, plan: KernelPlan, q, v, params: dict, sizes: dict) -
     bm, bn = block_sizes(dims, q.dtype)
     key = ("triton", bm, bn, tuple(sorted(sizes.items())), str(q.device))
     hit = None if plan.sparsity.params else compiled._tiles.get(key)
-    if hit is None:
-        cls = plan.sparsity.classify(sizes, params, bm, bn)
+    if hit is None:        # classified on the host: per-block min/max of the params the mask reads
+        cls = plan.sparsity.classify(sizes, {n: params[n].cpu() for n in plan.sparsity.params}, bm, bn)
         row_tiles = int((cls != 0).sum(1).max()) if cls.numel() else 1
         hit = (block_lists(cls, q.device), row_tiles)
         if not plan.sparsity.params:
@@ -445,6 +440,10 @@ def launch(compiled, plan: KernelPlan, q, k, v, scale: float, params: dict, size
     if not q.is_cuda and not interpreting():
         raise CallError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                         f"q is on {q.device}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise CallError("the triton backend needs the triton package: pip install 'attnc[triton]'") from None
     cfg = launch_config(compiled, plan, q, v, params, sizes)
     run = load_module(compiled.source("triton", return_lse), plan.name)[plan.name]
     args = (q, k, v, scale, cfg.blocks, cfg.block_m, cfg.block_n, cfg.n_splits, cfg.dot_dtype,

@@ -129,27 +129,43 @@ class Compiled:
             from attnc.backends import triton_backend
             return triton_backend.launch(self, plan, q, k, v, scale, params, sizes, return_lse)
         _backend_module("torch").keep_tiles_in_the_heap()
-        tiles = self.tiles(plan, sizes, params)
+        torch_backend = _backend_module("torch")
+        block_m, tiles = self.schedule(plan, sizes, params, torch_backend.TILE_SHAPES, torch_backend.tile_cost)
         args = [params[p.name] for p in plan.params]
-        return kernel(q, k, v, scale, tiles, plan.block_m, return_lse, *args)
+        with torch_backend.flush_denormals():
+            return kernel(q, k, v, scale, tiles, block_m, return_lse, *args)
 
-    def tiles(self, plan: KernelPlan, sizes: dict, params: dict) -> list:
+    def tiles(self, plan: KernelPlan, sizes: dict, params: dict, block_m: int | None = None,
+              block_n: int | None = None) -> list:
         """[(start_m, [(start_n, end_n, full), ...]), ...] for every query tile with work; empty tiles left out."""
+        block_m, block_n = block_m or plan.block_m, block_n or plan.block_n
         uses_params = bool(plan.sparsity.params)
-        key = (plan.block_m, plan.block_n, tuple(sorted(sizes.items())))
+        key = (block_m, block_n, tuple(sorted(sizes.items())))
         if not uses_params and key in self._tiles:
             return self._tiles[key]
-        cls = plan.sparsity.classify(sizes, params, plan.block_m, plan.block_n)
+        cls = plan.sparsity.classify(sizes, params, block_m, block_n)
         out = []
         KV = sizes["KV"]
         for i, row in enumerate(cls.tolist()):
-            kv = [(j * plan.block_n, min((j + 1) * plan.block_n, KV), c == FULL)
+            kv = [(j * block_n, min((j + 1) * block_n, KV), c == FULL)
                   for j, c in enumerate(row) if c >= PARTIAL]
             if kv:
-                out.append((i * plan.block_m, kv))
+                out.append((i * block_m, kv))
         if not uses_params:
             self._tiles[key] = out
         return out
+
+    def schedule(self, plan: KernelPlan, sizes: dict, params: dict, shapes, cost) -> tuple[int, list]:
+        """(block_m, tiles) for the tile shape whose classified tiles `cost` rates cheapest: a banded mask
+        wants small tiles, a dense one large tiles. Classification is O(tiles), so trying a few is cheap."""
+        key = ("schedule", tuple(sorted(sizes.items())))
+        if not plan.sparsity.params and key in self._tiles:
+            return self._tiles[key]
+        best = min(((cost(t, bm, sizes), bm, t) for bm, bn in shapes
+                    for t in [self.tiles(plan, sizes, params, bm, bn)]), key=lambda x: x[0])
+        if not plan.sparsity.params:
+            self._tiles[key] = best[1:]
+        return best[1:]
 
     def reference(self, q, k, v, *, scale: float | None = None, return_lse: bool = False, **params):
         """The materialized computation (all Q x KV scores) in q's dtype: float64 inputs give the oracle."""
