@@ -21,9 +21,10 @@ class Target:
     leaf: Callable[[Node], str]
     load: Callable[[Node, list[str]], str]
     inplace: dict[Op, tuple[str, int]] | None = None
+    donated: Node | None = None
 
     def text(self, n: Node, names: dict[Node, str] | None = None) -> str:
-        return render(n, self.table, self.leaf, names, self.load, self.inplace)
+        return render(n, self.table, self.leaf, names, self.load, self.inplace, self.donated)
 
 
 def linearize(roots: list[tuple[str, Node]], target: Target, names: dict[Node, str],

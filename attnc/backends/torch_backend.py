@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import math
 
@@ -19,10 +20,11 @@ from attnc.plan import INIT, KernelPlan, promote
 
 BLOCK_M, BLOCK_N = 256, 512
 # tile shapes the runtime chooses from per call (the kernel takes its tiles as an argument)
-TILE_SHAPES = ((256, 512), (128, 256), (64, 128))
-# a rough model of this backend on a CPU: seconds per score element of a full tile, the extra factor
-# for a partial tile (mask evaluated and applied), and the fixed cost of visiting a tile (~20 torch ops)
-ELEMENT_S, PARTIAL_FACTOR, TILE_S = 2.5e-9, 1.6, 3e-4
+TILE_SHAPES = ((256, 512), (256, 256), (128, 256), (128, 128), (64, 128))
+# a model of this backend on a CPU, fitted to causal and sliding-window runs (BENCHMARKS.md): seconds per
+# score element of a full tile, the factor for a partial tile (mask evaluated and applied), and the fixed
+# cost of visiting a tile (~20 torch ops)
+ELEMENT_S, PARTIAL_FACTOR, TILE_S = 1.65e-9, 2.1, 7e-5
 
 
 def tile_cost(tiles: list, block_m: int, sizes: dict) -> float:
@@ -75,8 +77,16 @@ def load(n: Node, idx: list[str]) -> str:
 # a function of a temporary that nothing else reads overwrites it instead of allocating
 INPLACE = {op: (f"{{0}}.{name}_()", ATOM, ATOM) for op, name in (
     (Op.EXP, "exp"), (Op.EXP2, "exp2"), (Op.TANH, "tanh"), (Op.SIGMOID, "sigmoid"), (Op.RELU, "relu"),
-    (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))}
+    (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))} | {
+    op: (f"{{0}}.{name}_({{1}})", ATOM, ATOM) for op, name in (
+        (Op.SUB, "sub"), (Op.ADD, "add"), (Op.MUL, "mul"), (Op.DIV, "div"))}
 TARGET = Target(TABLE, leaf, load, INPLACE)
+# Per-pair weights: exp's argument is clamped at -87 (exp(-87) ~ 1.6e-38, still a normal float). Far-away
+# keys (ALiBi, long rows) otherwise send exp down its underflow path, about ten times slower on a CPU;
+# the weights that changes are below 1e-37 and are added to a row sum of at least 1.
+EXP_FLOOR = -87.0
+PAIR_TARGET = Target({**TABLE, Op.EXP: (f"torch.exp({{0}}.clamp(min={EXP_FLOOR}))", ATOM, ATOM)}, leaf, load,
+                     {**INPLACE, Op.EXP: (f"{{0}}.clamp_(min={EXP_FLOOR}).exp_()", ATOM, ATOM)})
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,6 +132,21 @@ def size_lines(plan: KernelPlan, exprs: list[Node]) -> list[tuple[str, str]]:
     used = sorted({n.arg for e in exprs for n in e.walk() if n.op is Op.SIZE})
     free = {d: f"p_{p.name}.shape[{i}]" for p in plan.params for i, d in enumerate(p.dims) if isinstance(d, str)}
     return [(f"size_{s}", f"torch.tensor({SIZE_SOURCES.get(s) or free[s]})") for s in used]
+
+
+S_READ = E.Node(Op.TENSOR, arg="s")
+
+
+def read_once(x: Node, roots: list[Node]) -> bool:
+    """x is read by exactly one operation, as the first operand of arithmetic, across all of roots:
+    that operation may overwrite it (the maxima that also read it are computed before)."""
+    parents = [n for n in set(roots) for r in [n] for n in r.walk() if x in n.src]
+    parents = list({id(p): p for p in parents}.values())
+    distinct = set(parents)
+    if len(distinct) != 1 or x in roots:
+        return False
+    (p,) = distinct
+    return p.op in (Op.SUB, Op.ADD, Op.MUL, Op.DIV) and p.src[0] == x and p.src[1] != x and p.dtype == E.FLOAT
 
 
 def literal_floats(root: Node) -> Node:
@@ -186,7 +211,8 @@ def render_plan(plan: KernelPlan) -> str:
         alpha_of = {(m, c): a for a, m, c in p.alphas()}
         value_roots = [("p" if s.kind == "dot" else f"{s.name}_tile", s.value)
                        for s in sorted(p.sums, key=lambda s: s.kind != "dot")]
-        sum_lines = linearize(value_roots, TARGET, pn, f"y{i + 1}_")
+        donate = S_READ if score_wide and read_once(S_READ, [r for _, r in value_roots]) else None
+        sum_lines = linearize(value_roots, dataclasses.replace(PAIR_TARGET, donated=donate), pn, f"y{i + 1}_")
         sum_value = widen(sum_lines, p.sums, pn)
         dot = next((s for s in p.sums if s.kind == "dot"), None)
         # a sum of the dot's own weights rides along the P·V product as a column of ones in V

@@ -57,9 +57,10 @@ def ir_load(n: Node, idx: list[str]) -> str:
 def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], str],
            names: dict[Node, str] | None = None,
            load: Callable[[Node, list[str]], str] = ir_load,
-           inplace: dict[Op, tuple[str, int]] | None = None) -> str:
+           inplace: dict[Op, tuple[str, int]] | None = None, donated: Node | None = None) -> str:
     """Infix text for `root`; nodes in `names` print as those names (common subexpressions).
-    inplace: formats for unary ops whose operand is a fresh temporary, safe to overwrite."""
+    inplace: formats for ops that may overwrite their first operand: a unary op's fresh temporary, or
+    `donated`, a named value whose one remaining reader is this op."""
     names = names or {}
     inplace = inplace or {}
 
@@ -81,7 +82,8 @@ def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], 
         else:
             if n.op not in table:
                 raise NotImplementedError(f"this target cannot print {n.op.name}")
-            fmt, prec, *tight = inplace[n.op] if n.op in inplace and fresh(n.src[0]) else table[n.op]
+            overwrite = n.op in inplace and (fresh(n.src[0]) if len(n.src) == 1 else n.src[0] == donated)
+            fmt, prec, *tight = inplace[n.op] if overwrite else table[n.op]
             parts = []
             for i, s in enumerate(n.src):
                 t, p = go(s)
