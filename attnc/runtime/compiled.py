@@ -162,7 +162,8 @@ class Compiled:
         if not plan.sparsity.params and key in self._tiles:
             return self._tiles[key]
         best = min(((cost(t, bm, sizes), bm, t) for bm, bn in shapes
-                    for t in [self.tiles(plan, sizes, params, bm, bn)]), key=lambda x: x[0])
+                    for tiles in [self.tiles(plan, sizes, params, bm, bn)]
+                    for t in (tiles, merge_runs(tiles, 4 * bn))), key=lambda x: x[0])
         if not plan.sparsity.params:
             self._tiles[key] = best[1:]
         return best[1:]
@@ -211,6 +212,21 @@ class Compiled:
                 raise CallError(f"missing param '{p.name}': expected a tensor {p}")
             params[p.name] = _check_param(p, params[p.name], sizes, q.device)
         return sizes, params, float(scale)
+
+
+def merge_runs(tiles: list, width: int) -> list:
+    """Adjacent key tiles of a query tile joined into one of at most `width` keys (partial if any part
+    is): fewer, wider tiles cost fewer operations, and the mask is evaluated on the joined ones."""
+    out = []
+    for start_m, kv in tiles:
+        runs = []
+        for start_n, end_n, full in kv:
+            if runs and runs[-1][1] == start_n and end_n - runs[-1][0] <= width:
+                runs[-1] = (runs[-1][0], end_n, runs[-1][2] and full)
+            else:
+                runs.append((start_n, end_n, full))
+        out.append((start_m, runs))
+    return out
 
 
 def _check_param(p: Param, t, sizes: dict, device) -> torch.Tensor:
