@@ -221,8 +221,10 @@ def render_plan(plan: KernelPlan) -> str:
         passes.append({
             "number": i + 1,
             "states": [{"name": s.name, "init": leaf(INIT[s.kind]), "kind": s.kind} for s in p.states],
-            "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": max_value[s.name]}
+            "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": max_value[s.name],
+                       "needs_ref": any(x.uses(Op.TENSOR, f"{s.name}_ref") for x in [y.value for y in p.sums])}
                       for s in p.maxes],
+            "has_dot": dot is not None,
             "max_lines": max_lines,
             "alphas": alphas,
             "sum_lines": sum_lines,
