@@ -24,21 +24,13 @@ from attnc.runtime.inputs import random_params
 from attnc.runtime.reference import evaluate, index_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu import alibi_slopes, document_ids  # noqa: E402  (the same realistic params as the CPU suite)
+from cpu import SUITE as CPU_SUITE, alibi_slopes, document_ids  # noqa: E402  (the same variants and params)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"
 
-# (row name, example file, consts, sdpa kind)
-SUITE = [
-    ("full", "full.attn", {}, "full"),
-    ("causal", "causal.attn", {}, "causal"),
-    ("sliding window 256", "sliding_window.attn", {"window": 256}, None),
-    ("alibi causal", "alibi.attn", {}, None),
-    ("softcap (full)", "softcap.attn", {}, None),
-    ("document causal", "document.attn", {}, None),
-    ("sigmoid", "sigmoid.attn", {}, None),
-]
+# the CPU suite's variants, plus full attention (the rate the targets compare with)
+SUITE = [("full", "full.attn", {}, "full")] + CPU_SUITE
 
 
 def timer(smoke: bool):
