@@ -204,6 +204,9 @@ def render_plan(plan: KernelPlan) -> str:
         pn = dict(tile_names)
         max_lines = linearize([(f"{s.name}_tile", s.value) for s in p.maxes], TARGET, pn, f"x{i + 1}_")
         max_value = widen(max_lines, p.maxes, pn)
+        # a max of the score itself: partial tiles fill the score tile with -inf in place instead of a where
+        premask = tile_names[S_READ] if score_wide and plan.mask is not None and any(
+            s.value == S_READ for s in p.maxes) else None
         alphas = [(a, TARGET.text(E.make(Op.EXP, E.const(c) * (E.Node(Op.TENSOR, arg=m) -
                                                                  E.Node(Op.TENSOR, arg=f"{m}_ref"))) if c != 1 else
                                   E.make(Op.EXP, E.Node(Op.TENSOR, arg=m) - E.Node(Op.TENSOR, arg=f"{m}_ref"))))
@@ -222,8 +225,10 @@ def render_plan(plan: KernelPlan) -> str:
             "number": i + 1,
             "states": [{"name": s.name, "init": leaf(INIT[s.kind]), "kind": s.kind} for s in p.states],
             "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": max_value[s.name],
-                       "needs_ref": any(x.uses(Op.TENSOR, f"{s.name}_ref") for x in [y.value for y in p.sums])}
+                       "needs_ref": any(x.uses(Op.TENSOR, f"{s.name}_ref") for x in [y.value for y in p.sums]),
+                       "premasked": premask is not None and s.value == S_READ}
                       for s in p.maxes],
+            "premask": premask,
             "has_dot": dot is not None,
             "max_lines": max_lines,
             "alphas": alphas,
