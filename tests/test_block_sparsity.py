@@ -89,9 +89,6 @@ def test_streaming_llm_is_exact_at_power_of_two_blocks(bm, bn):
     assert not ((cls == PARTIAL) & (every | ~some)).any()
 
 
-@pytest.mark.xfail(strict=True, reason="intervals lose the correlation between `q_idx - kv_idx < window` and "
-                   "`kv_idx < sinks` under `or`: the tile q in [252, 258], kv in [0, 12] is all kept but PARTIAL, "
-                   "though BlockSparsity.exact is True (sound, not exact)")
 def test_streaming_llm_is_exact_at_odd_blocks():
     attn = attnc.compile(example("streaming_llm"))
     cls = classify(attn, 1, 1, 600, 700, {}, 7, 13)

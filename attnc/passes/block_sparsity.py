@@ -2,6 +2,8 @@
 
 The classifier interprets the mask over each tile's index ranges (intervals.py), all tiles at once: work is
 O(tiles) for masks of indices and consts, plus one O(size) min/max pass over each param the mask reads.
+For masks of indices and consts, the tiles intervals call partial are then evaluated point by point
+(O(S * BLOCK_N) for banded masks), which makes their classification exact; it is cached per shape.
 Empty tiles are never visited; full tiles skip mask evaluation. A tile is never called empty or full
 wrongly: the interpretation is sound, and the union over batches and heads is taken."""
 from __future__ import annotations
@@ -16,6 +18,7 @@ from attnc.ir.expr import Node, Op
 from attnc.passes.intervals import Box, Interp
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+REFINE_POINTS = 1 << 24        # most (b, h, q, kv) points a classification evaluates to settle partial tiles
 _AFFINE = {Op.CONST, Op.INDEX, Op.SIZE, Op.ADD, Op.SUB, Op.NEG, Op.MUL, Op.AND, Op.OR, Op.NOT} | E.COMPARE
 
 
@@ -46,7 +49,30 @@ class BlockSparsity:
         out = torch.full((nq, nk), PARTIAL, dtype=torch.int8)
         out[lo >= 1] = FULL
         out[hi <= 0] = EMPTY
+        if not self.params:
+            self._settle_partial(out, sizes, block_m, block_n)
         return out
+
+    def _settle_partial(self, out: torch.Tensor, sizes: dict, block_m: int, block_n: int) -> None:
+        """Evaluate a mask of indices and consts on the points of its PARTIAL tiles, which intervals
+        cannot always decide (`or` of two affine forms). There are O(query tiles) such tiles for banded
+        masks, so the work is O(S * BLOCK_N); it is skipped when it would exceed REFINE_POINTS."""
+        from attnc.runtime.reference import evaluate     # the same evaluator the oracle uses
+        tiles = (out == PARTIAL).nonzero()
+        uses = {n.arg for n in self.mask.walk() if n.op is Op.INDEX}
+        B = sizes["B"] if "b" in uses else 1
+        H = sizes["H"] if "h" in uses else 1
+        if not len(tiles) or B * H * len(tiles) * block_m * block_n > REFINE_POINTS:
+            return
+        rows = torch.clamp(tiles[:, 0, None] * block_m + torch.arange(block_m), max=sizes["Q"] - 1)
+        cols = torch.clamp(tiles[:, 1, None] * block_n + torch.arange(block_n), max=sizes["KV"] - 1)
+        env = {"b": torch.arange(B).view(B, 1, 1, 1, 1), "h": torch.arange(H).view(1, H, 1, 1, 1),
+               "q_idx": rows.view(1, 1, -1, block_m, 1), "kv_idx": cols.view(1, 1, -1, 1, block_n)}
+        env.update({k: torch.tensor(v) for k, v in sizes.items()})
+        kept = evaluate(self.mask, env, {}).expand(B, H, len(tiles), block_m, block_n)
+        kept = kept.permute(2, 0, 1, 3, 4).reshape(len(tiles), -1)
+        out[tiles[:, 0], tiles[:, 1]] = torch.where(
+            kept.all(1), FULL, torch.where(kept.any(1), PARTIAL, EMPTY)).to(torch.int8)
 
 
 def block_sparsity(c: Cascade) -> Cascade:
