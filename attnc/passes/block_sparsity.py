@@ -83,5 +83,6 @@ def block_sparsity(c: Cascade) -> Cascade:
     params = tuple(E.params_used(mask)) if mask is not None else ()
     kind = "no mask: every tile full" if mask is None else (
         "affine in indices and consts: exact per tile" if exact else
-        f"reads {', '.join(params)}: per-block min/max, sound" if params else "intervals: sound")
+        "indices and consts: intervals, then the points of partial tiles; exact per tile" if not params else
+        f"reads {', '.join(params)}: per-block min/max, sound")
     return c.with_facts(sparsity=BlockSparsity(mask, exact, params), sparsity_kind=kind)
