@@ -128,8 +128,8 @@ class Compiled:
         if target == "triton":
             from attnc.backends import triton_backend
             return triton_backend.launch(self, plan, q, k, v, scale, params, sizes, return_lse)
-        _backend_module("torch").keep_tiles_in_the_heap()
         torch_backend = _backend_module("torch")
+        torch_backend.keep_tiles_in_the_heap()
         block_m, tiles = self.schedule(plan, sizes, params, torch_backend.TILE_SHAPES, torch_backend.tile_cost)
         args = [params[p.name] for p in plan.params]
         with torch_backend.flush_denormals():
