@@ -163,6 +163,14 @@ def literal_floats(root: Node) -> Node:
     return E.bottom_up(root, fix)
 
 
+def state_init(s, with_ones: bool) -> str:
+    """A state's value before the first key tile: -inf for a max, zeros for a sum or the P·V accumulator
+    (with the ones column when a row sum rides along)."""
+    if s.kind == "dot":
+        return f"torch.zeros(B, HKV, GROUP, rows, HEAD_DIM_V{' + 1' if with_ones else ''}, dtype=acc_dtype)"
+    return f"torch.full((B, HKV, GROUP, rows, 1), {leaf(INIT[s.kind])}, dtype=acc_dtype)"
+
+
 def render_plan(plan: KernelPlan) -> str:
     plan = promote(plan, literal_floats)
     names: dict[Node, str] = {}
@@ -223,7 +231,7 @@ def render_plan(plan: KernelPlan) -> str:
                   and s.rescale == dot.rescale][:1]
         passes.append({
             "number": i + 1,
-            "states": [{"name": s.name, "init": leaf(INIT[s.kind]), "kind": s.kind} for s in p.states],
+            "inits": [(s.name, state_init(s, bool(riders))) for s in p.states if s.name not in riders],
             "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": max_value[s.name],
                        "needs_ref": any(x.uses(Op.TENSOR, f"{s.name}_ref") for x in [y.value for y in p.sums]),
                        "premasked": premask is not None and s.value == S_READ}
@@ -233,8 +241,10 @@ def render_plan(plan: KernelPlan) -> str:
             "max_lines": max_lines,
             "alphas": alphas,
             "sum_lines": sum_lines,
-            "sums": [{"name": s.name, "kind": s.kind, "value": sum_value[s.name],
+            "sums": [{"name": s.name, "value": sum_value[s.name], "is_dot": s.kind == "dot",
+                      "adds_p": s.kind != "dot" and sum_value[s.name] == "p",
                       "alpha": " * ".join(alpha_of[r] for r in s.rescale)} for s in p.sums if s.name not in riders],
+            "dot_value": sum_value[dot.name] if dot is not None else None,
             "riders": riders,
             "dot_fresh": dot is not None and sum_value[dot.name] == "p",
         })
