@@ -93,24 +93,26 @@ def rank_of(c_ranks: dict[str, tuple[str, ...]], s: Einsum) -> tuple[str, ...]:
     used = {INDEX_RANK[x.arg] for x in s.body.walk() if x.op is Op.INDEX}
     for r in s.reads():
         used |= set(c_ranks[r])
-    if s.name == "QK":
-        used = {"b", "h", "m", "n"}
+    if s.role in CONTRACTIONS:
+        used = {"b", "h"} | {r for t in s.reads() for r in c_ranks[t]}
     used -= set(s.over)
-    return tuple(r for r in ("b", "h", "m", "n", "f") if r in used)
+    return tuple(r for r in ("b", "h", "m", "n", "e", "f") if r in used)
 
 
-KEEP = ("S",)     # the score statement is the plan's score hook: kept even when constant or unread
+KEEP = ("score",)     # the score statement is the plan's score hook: kept even when constant or unread
+CONTRACTIONS = ("qk", "dp")     # products of two inputs reduced over a head dim: left as they are
 
 
 def simplify(c: Cascade) -> Cascade:
-    ranks = {"Q": ("b", "h", "m", "e"), "K": ("b", "h", "n", "e"), "V": ("b", "h", "n", "f")}
+    ranks = {t.name: t.ranks for t in c.inputs}
+    keep = tuple(s.name for s in c.stmts if s.role in KEEP)
     rename: dict[Node, Node] = {}
     seen: dict[tuple, str] = {}
     out: list[Einsum] = []
     for s in c.stmts:
         body = E.substitute(s.body, rename) if rename else s.body
-        body = body if s.name == "QK" else simplify_body(body)
-        if body.op in (Op.TENSOR, Op.CONST) and s.reduce is None and s.name not in c.outputs + KEEP:
+        body = body if s.role in CONTRACTIONS else simplify_body(body)
+        if body.op in (Op.TENSOR, Op.CONST) and s.reduce is None and s.name not in c.outputs + keep:
             rename[tensor(s.name, s.body.dtype)] = body          # a copy or a constant: read it directly
             continue
         key = (body, s.reduce, s.over, s.running, s.rescale)
@@ -126,7 +128,7 @@ def simplify(c: Cascade) -> Cascade:
 
 
 def drop_unused(stmts: list[Einsum], outputs: tuple[str, ...]) -> list[Einsum]:
-    live = set(outputs) | set(KEEP)
+    live = set(outputs) | {s.name for s in stmts if s.role in KEEP}
     for s in reversed(stmts):
         if s.name in live:
             live |= set(s.reads())
