@@ -97,7 +97,7 @@ class SymMap:
                 else:
                     num.append(self._back(f))
             p, q = (int(c.p), int(c.q)) if c.is_Rational else (c, 1)
-            out = None if p == 1 else self._back(sympy.sympify(p))
+            out = None if p == 1 or (c.is_Float and float(c) == 1.0) else self._back(sympy.sympify(p))  # sympy: 1.0 != 1
             for f in num:
                 out = f if out is None else out * f
             out = E.const(1) if out is None else out
