@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
@@ -60,8 +61,9 @@ def flex_peer(attn, q, k, v, params, *, scale=None, mask_bh=False):
     """
     if not attn.flex_compatible:
         return None
-    score_mod, mask_mod = attn.flex_mods(**params)
     B, H, Q, KV = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    sizes = {"B": B, "H": H, "HKV": k.shape[1], "Q": Q, "KV": KV, "D": q.shape[3]}     # a mask may read them
+    score_mod, mask_mod = attn.flex_mods(sizes, **params)
 
     def make_mask():
         if mask_mod is None:
@@ -90,13 +92,16 @@ def eager_peer(attn, q, k, v, params, *, scale=None):
     return lambda: attn.reference(q, k, v, scale=scale, **params)
 
 
-def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, warmup=1, peers=PEERS, mask_bh=False):
+def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, warmup=1, peers=PEERS, mask_bh=False,
+                  progress=None):
     """Median ms of attnc and each peer on one input (None where a peer does not apply), plus flex's mask build alone.
 
     Keys: attnc, flex, sdpa, eager, flex_mask, and max_diff (each peer's largest deviation from attnc's
     output, or from eager's when attnc is not run: a peer that computes something else shows here).
     Warm-up calls absorb compilation, so these are steady-state times; flex excludes create_block_mask.
+    progress, when given, is called with a line saying what is being timed.
     """
+    say = progress or (lambda text: None)
     out = dict.fromkeys(PEERS + ("flex_mask",))
     calls = {}
     with torch.inference_mode():
@@ -105,6 +110,7 @@ def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, 
         flex = flex_peer(attn, q, k, v, params, scale=scale, mask_bh=mask_bh) if "flex" in peers else None
         if flex is not None:
             make_mask, run = flex
+            say("flex: compiling the block mask")
             if make_mask() is not None:
                 out["flex_mask"] = median_ms(make_mask, warmup, reps)[0]
             block_mask = make_mask()
@@ -114,7 +120,8 @@ def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, 
             calls["sdpa"] = sdpa
         if "eager" in peers:
             calls["eager"] = eager_peer(attn, q, k, v, params, scale=scale)
-        for name, fn in calls.items():
+        for i, (name, fn) in enumerate(calls.items(), 1):
+            say(f"timing {name} ({i}/{len(calls)}, {warmup} warm-up + {reps} calls)")
             out[name] = median_ms(fn, warmup, reps)[0]
         results = {name: fn() for name, fn in calls.items()}
     base = results.get("attnc", results.get("eager"))
@@ -147,3 +154,65 @@ def format_table(rows, markdown=False):
              _cell(r.get("flex"), r.get("attnc")), _cell(r.get("sdpa"), r.get("attnc")),
              _cell(r.get("eager"), r.get("attnc")), _cell(r.get("flex_mask"), None)] for r in rows]
     return grid(head, body, markdown)
+
+
+def sdpa_kind_of(variant) -> str | None:
+    """'full' or 'causal' when SDPA computes exactly this variant, else None."""
+    from attnc.ir import expr as E
+    if variant.norm_kind != "softmax" or variant.score != E.SCORE or variant.params:
+        return None
+    if variant.mask is None:
+        return "full"
+    causal = E.make(E.Op.GE, E.index("q_idx"), E.index("kv_idx"))
+    return "causal" if variant.mask == causal else None
+
+
+def record(row, q, k, v, reps, file) -> dict:
+    """One bench_variant result as `attnc bench --json` prints it.
+
+    Keys: variant, file, shape {B, H, HKV, Q, KV, D, Dv}, dtype, device, threads, reps, ms {attnc, flex,
+    sdpa, eager: median ms, null where the peer does not apply}, flex_mask_ms, max_diff {peer: largest
+    deviation from attnc's output}, versions {attnc, torch}.
+    """
+    import attnc
+    B, H, Q, D = q.shape
+    shape = {"B": B, "H": H, "HKV": k.shape[1], "Q": Q, "KV": k.shape[2], "D": D, "Dv": v.shape[3]}
+    return {"variant": row["variant"], "file": file, "shape": shape, "dtype": str(q.dtype).removeprefix("torch."),
+            "device": str(q.device), "threads": torch.get_num_threads(), "reps": reps,
+            "ms": {p: row.get(p) for p in PEERS}, "flex_mask_ms": row.get("flex_mask"),
+            "max_diff": row.get("max_diff", {}), "versions": {"attnc": attnc.__version__, "torch": torch.__version__}}
+
+
+class PlotError(Exception):
+    """--plot cannot be honoured: matplotlib missing, an unknown image format, no such folder."""
+
+
+def check_plot_path(path: str) -> None:
+    """Raise PlotError unless matplotlib is installed and can write path's format into an existing folder."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("--plot needs matplotlib, which is not installed: pip install 'attnc[plot]'") from None
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    if suffix not in formats:
+        raise PlotError(f"--plot {path}: the file name must end in one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise PlotError(f"--plot {path}: no such folder {folder}")
+
+
+def plot(row, path: str, title: str) -> None:
+    """A bar chart of one bench_variant result (median ms per peer, lower is better), saved to path."""
+    from matplotlib.figure import Figure        # not pyplot: no GUI backend, no global state
+    names = [p for p in PEERS if row.get(p) is not None]
+    times = [row[p] for p in names]
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(names, times, color=["tab:blue" if n == "attnc" else "tab:gray" for n in names])
+    ax.bar_label(bars, labels=[f"{t:.2f}" for t in times], padding=2)
+    ax.set_ylabel("median ms (lower is better)")
+    ax.set_title(title, fontsize=8)
+    ax.margins(y=0.15)
+    fig.savefig(path)
