@@ -156,15 +156,24 @@ def format_table(rows, markdown=False):
     return grid(head, body, markdown)
 
 
-def sdpa_kind_of(variant) -> str | None:
-    """'full' or 'causal' when SDPA computes exactly this variant, else None."""
+def sdpa_kind_of(variant, Q: int, KV: int) -> str | None:
+    """'full' or 'causal' when SDPA (is_causal: top-left aligned) computes exactly this variant at these
+    lengths, else None. Causal masks are recognised in the two forms the examples use; any other
+    spelling is left to FlexAttention rather than guessed."""
     from attnc.ir import expr as E
     if variant.norm_kind != "softmax" or variant.score != E.SCORE or variant.params:
         return None
     if variant.mask is None:
         return "full"
-    causal = E.make(E.Op.GE, E.index("q_idx"), E.index("kv_idx"))
-    return "causal" if variant.mask == causal else None
+    top_left, bottom_right = _causal_masks()
+    return "causal" if variant.mask == top_left or (variant.mask == bottom_right and Q == KV) else None
+
+
+@functools.cache
+def _causal_masks():
+    """The masks `q_idx >= kv_idx` and `q_idx + KV - Q >= kv_idx` as the frontend builds them."""
+    from attnc.frontend.resolve import load
+    return tuple(load(f"variant causal\nmask = {m} >= kv_idx\n").mask for m in ("q_idx", "q_idx + KV - Q"))
 
 
 def record(row, q, k, v, reps, file) -> dict:

@@ -440,7 +440,7 @@ def cmd_bench(args) -> int:
     g = torch.Generator().manual_seed(0)
     q, k, v = random_inputs(attn, B, H, HKV, Q, KV, D, D, dtype, g, device=args.device)
     params = random_params(attn, B, H, HKV, Q, KV, D, g, device=args.device)
-    row = bench.bench_variant(attn, q, k, v, params, sdpa_kind=bench.sdpa_kind_of(attn.variant), reps=args.reps,
+    row = bench.bench_variant(attn, q, k, v, params, sdpa_kind=bench.sdpa_kind_of(attn.variant, Q, KV), reps=args.reps,
                               progress=progress)
     progress.clear()
     row["variant"] = attn.variant.name
