@@ -123,7 +123,9 @@ def test_usage_errors_exit_2(capsys, argv):
 def test_random_params_fit_every_read():
     g = torch.Generator().manual_seed(0)
     t5 = attnc.compile(str(EXAMPLES / "t5_bias.attn"))
-    assert random_params(t5, 2, 4, 2, 100, 173, 32, g)["rel_bias"].shape == (4, 100 + 173 - 1)
+    rel_bias = random_params(t5, 2, 4, 2, 100, 173, 32, g)["rel_bias"]
+    assert rel_bias.shape[0] == 4 and rel_bias.shape[1] <= 100 + 173 - 1       # no longer than any read needs
+    t5(*random_inputs(t5, 2, 4, 2, 100, 173, 32, 24, torch.float32, g), rel_bias=rel_bias)   # every read in bounds
     doc = random_params(attnc.compile(str(EXAMPLES / "document.attn")), 1, 2, 2, 1, 300, 32, g)["doc"]
     assert doc.shape == (300,) and doc.dtype == torch.int32
     assert torch.equal(doc, doc.sort().values)           # ids come in runs
@@ -321,6 +323,17 @@ def test_bench_plot_path_is_checked_before_the_run(capsys, tmp_path, monkeypatch
     monkeypatch.setattr(bench, "bench_variant", lambda *a, **k: pytest.fail("ran a benchmark"))
     code, _, err = run(capsys, "bench", "causal", "--plot", tmp_path / name)
     assert code == 2 and "--plot" in err
+
+
+@pytest.mark.parametrize("mask, Q, KV, kind", [
+    (None, 64, 80, "full"), ("q_idx >= kv_idx", 64, 80, "causal"), ("q_idx + KV - Q >= kv_idx", 64, 64, "causal"),
+    ("q_idx + KV - Q >= kv_idx", 1, 64, None),                  # bottom-right: not SDPA's top-left is_causal
+    ("q_idx >= kv_idx and q_idx - kv_idx < 8", 64, 64, None), ("q_idx > kv_idx", 64, 64, None)])
+def test_sdpa_stands_in_only_for_what_it_computes(mask, Q, KV, kind):
+    spec = "variant v\n" + (f"mask = {mask}\n" if mask else "")
+    assert bench.sdpa_kind_of(attnc.compile(spec).variant, Q, KV) == kind
+    assert bench.sdpa_kind_of(attnc.compile(spec + "norm = sigmoid\n").variant, Q, KV) is None
+    assert bench.sdpa_kind_of(attnc.compile(spec + "score = score * 2\n").variant, Q, KV) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no CUDA device exists")
