@@ -35,7 +35,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-DIRECTIONS = ("fwd",)           # attnc has no backward kernels yet
+DIRECTIONS = ("fwd", "bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 YARDSTICKS = {"fa2": False, "fa2_causal": True}     # job name: causal
 
@@ -62,6 +62,7 @@ class Config:
     heads: int = 16
     seq: int = 4096
     lse: bool = True        # a training forward stores the row statistics, as the yardstick does
+    splits: int = 1         # a forward launch of split-KV decoding (> 1) also runs the merge kernel
     specialize: bool = True     # False: every int a plain i32 and no alignment facts (odd strides, odd pointers)
 
     def describe(self) -> str:
@@ -133,29 +134,43 @@ def _backend():
 
 # -- the kernels --
 def attnc_kernels(compiled, config: Config) -> list[Kernel]:
-    """attnc's kernels for one direction of `compiled`, as its Triton launcher launches them at config's shape.
+    """attnc's kernels for one direction of `compiled`, as its Triton launchers launch them at config's shape
+    (the backward: its row preprocess, dQ and dK/dV kernels, each fed what the one before returns).
 
-    Everything this script knows about attnc's generated code is here: the module, the launcher's name and
-    arguments, the block lists it takes."""
-    from attnc.backends import triton_backend
+    Everything this script knows about attnc's generated code is here: the kernels of a direction, each
+    launcher's arguments, the block lists it takes."""
+    from attnc.backends import triton_launch
     from attnc.runtime.inputs import random_params
-    if config.direction != "fwd":
-        raise ValueError(f"attnc has no {config.direction} kernels yet")
     import triton.language as tl
-    plan = compiled.plan(config.lse, "triton")
-    scope = triton_backend.load_module(compiled.source("triton", config.lse), plan.name)
+    backward = config.direction == "bwd"
     B, H, S, D = config.batch, config.heads, config.seq, config.head_dim
-    q, k, v = (torch.empty(B, H, S, D, dtype=DTYPES[config.dtype], device="meta") for _ in range(3))
+    dtype = DTYPES[config.dtype]
+    q, k, v = (torch.empty(B, H, S, D, dtype=dtype, device="meta") for _ in range(3))
     params = random_params(compiled, B, H, H, S, S, D, torch.Generator().manual_seed(0))
     sizes, meta, scale = compiled._validate(q, k, v, None, {n: t.to("meta") for n, t in params.items()})
-    cls = plan.sparsity.classify(sizes, params, config.block_m, config.block_n)
-    blocks = triton_backend.block_lists(cls, "meta")
+    tensors = {"Q": q, "K": k, "V": v}
+    if backward:            # what the training forward saved, and the output's gradient
+        forward = compiled._compiled("triton", config.lse, False, True)[0].plan
+        tensors.update({s.target: torch.empty(B, H, S, dtype=torch.float32, device="meta")
+                        for s in forward.stores if s.width is None and s.target != "lse"})
+        tensors.update(O=torch.empty_like(q), dO=torch.empty_like(q), dLSE=torch.empty(B, H, S, device="meta"))
     dot = {"fp16": tl.float16, "bf16": tl.bfloat16}[config.dtype]
+    out = []
+    for kernel in compiled._compiled("triton", config.lse, backward):
+        plan = kernel.plan
+        cls = plan.sparsity.classify(sizes, params, config.block_m, config.block_n)
+        blocks = triton_launch.block_lists(cls if plan.parallel == "m" else cls.t(), "meta")
+        scope = triton_launch.load_module(kernel.source, plan.name)
+        args = {x.name: tensors[x.tensor] for x in plan.loads} | {f"p_{p.name}": meta[p.name] for p in plan.params}
 
-    def launch():                                     # as triton_backend.launch calls it, one split
-        scope[plan.name](q, k, v, scale, blocks, config.block_m, config.block_n, 1, dot,
-                         *[meta[p.name] for p in plan.params])
-    return [specialized(*call) for call in recorded_launches(scope, launch)]
+        def launch(scope=scope, plan=plan, args=args, blocks=blocks):      # as triton_launch.launch calls it
+            got = scope[plan.name](**args, sm_scale=scale, blocks=blocks, BLOCK_M=config.block_m,
+                                   BLOCK_N=config.block_n, N_SPLITS=1 if backward else config.splits,
+                                   DOT_DTYPE=dot, DTYPE=dtype,
+                                   sizes=dict(sizes, Dv=D))
+            tensors.update(zip(plan.results(), got))
+        out += [specialized(*call) for call in recorded_launches(scope, launch)]
+    return out
 
 
 def fa2_kernels(causal: bool, config: Config) -> list[Kernel]:
@@ -319,11 +334,14 @@ def main(argv=None) -> int:
                     help="compile every int argument as a plain i32, without alignment facts")
     ap.add_argument("--jobs", type=int, default=2, help="compiling processes (default 2)")
     ap.add_argument("--out", type=Path, help="also write the JSON results to this file")
+    ap.add_argument("--splits", type=int, default=d.splits,
+                    help="forward: launch split-KV with this many programs per row, so the merge kernel runs too")
     a = ap.parse_args(argv)
     config = Config(a.direction, a.dtype, a.head_dim, a.block_m, a.block_n, a.warps, a.stages, seq=a.seq,
-                    lse=not a.no_lse, specialize=not a.no_specialize)
+                    lse=not a.no_lse, specialize=not a.no_specialize, splits=a.splits)
     files = a.files or sorted(EXAMPLES.glob("*.attn"))
-    rows = run(list(YARDSTICKS) + [str(f) for f in files], config, a.jobs)
+    yardsticks = list(YARDSTICKS) if a.direction == "fwd" else []
+    rows = run(yardsticks + [str(f) for f in files], config, a.jobs)
     result = {"config": asdict(config), "described": config.describe(), "rows": rows}
     if a.out is not None:
         a.out.write_text(json.dumps(result, indent=1) + "\n")

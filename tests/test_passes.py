@@ -9,7 +9,8 @@ from attnc.ir import expr as E
 from attnc.ir.cascade import Einsum, tensor, verify
 from attnc.ir.lower import lower
 from attnc.passes import PASS_NAMES, PIPELINE, run_pipeline
-from attnc.passes.pass_count import pass_count
+from attnc.ir.cascade import IRError
+from attnc.passes.pass_count import pass_count, pass_of
 from attnc.passes.simplify import simplify
 
 try:
@@ -37,7 +38,7 @@ def test_pipeline_names_read_top_to_bottom():
     assert PASS_NAMES[0] == "lower"
     assert PASS_NAMES[1:] == [name for name, _ in PIPELINE]
     assert PASS_NAMES.index("simplify") < PASS_NAMES.index("defer_division") < PASS_NAMES.index("online")
-    assert PASS_NAMES.index("online") < PASS_NAMES.index("tile") < PASS_NAMES.index("block_sparsity")
+    assert PASS_NAMES.index("online") < PASS_NAMES.index("schedule") < PASS_NAMES.index("block_sparsity")
 
 
 @pytest.mark.parametrize("name", SOFTMAX)
@@ -61,13 +62,16 @@ def test_rownorm_is_one_pass_after_deferring_the_division(name):
 def test_hinge_stays_two_passes_and_says_why():
     trace: list = []
     out = run_pipeline(lower(variant("hinge")), trace=trace)
-    assert [n for name, _, n in trace if name in ("online", "tile", "block_sparsity", "bounds")] == [2, 2, 2, 2]
+    assert [n for name, _, n in trace if name in ("online", "schedule", "block_sparsity", "bounds")] == [2, 2, 2, 2]
     notes = out.facts.get("notes", [])
     assert notes and any("pass" in n for n in notes), notes
     m = next(s for s in out.stmts if s.reduce == "max")
     assert not m.running                     # relu(x - max) cannot be rescaled: the max is complete first
-    assert out.facts["pass_of"][m.name] == 1
-    assert all(out.facts["pass_of"][s.name] == 2 for s in out.stmts if s.running)
+    when = pass_of(out)
+    assert when[m.name] == 1
+    assert all(when[s.name] == 2 for s in out.stmts if s.running)
+    (kernel,) = out.facts["kernels"]
+    assert kernel.passes == 2
 
 
 def test_ir_text_reports_the_pass_count():
@@ -102,15 +106,15 @@ def test_verify_holds_after_every_pass(name, lse):
 def test_verify_rejects_broken_cascades():
     c = lower(variant("causal"))
     stmts = list(c.stmts)
-    with pytest.raises(AssertionError, match="twice"):
+    with pytest.raises(IRError, match="twice"):
         verify(c.replace(stmts=tuple(stmts + [stmts[1]])))
-    with pytest.raises(AssertionError, match="before"):
+    with pytest.raises(IRError, match="before"):
         verify(c.replace(stmts=tuple(stmts[:1] + stmts[2:] + stmts[1:2])))
-    with pytest.raises(AssertionError, match="never defined"):
+    with pytest.raises(IRError, match="never defined"):
         verify(c.replace(outputs=("O", "LSE")))
-    with pytest.raises(AssertionError, match="keeps a rank"):
+    with pytest.raises(IRError, match="keeps a rank"):
         verify(c.replace(stmts=tuple(s.replace(ranks=s.ranks + ("n",)) if s.name == "L1" else s for s in stmts)))
-    with pytest.raises(AssertionError, match="frontend node"):
+    with pytest.raises(IRError, match="frontend node"):
         verify(c.replace(stmts=tuple(s.replace(body=E.SCORE) if s.name == "S" else s for s in stmts)))
 
 
@@ -153,7 +157,8 @@ def test_simplify_folds_constants():
     v = variant("variant f\nconst a = 3\nscore = score + a * 2 - 6\nmask = q_idx >= kv_idx and 1 < 2\n")
     out = simplify(lower(v))
     assert out.get("S").body == simplify(lower(variant("full"))).get("S").body     # + 6 - 6 is gone
-    assert out.get("MK").body == simplify(lower(variant("causal"))).get("MK").body  # `and True` is gone
+    causal = variant("variant c\nmask = q_idx >= kv_idx\n")
+    assert out.get("MK").body == simplify(lower(causal)).get("MK").body                  # `and True` is gone
 
 
 def test_simplify_removes_a_mask_that_is_always_true():
@@ -224,10 +229,13 @@ def test_online_rescales_every_sum_by_the_running_max():
     assert l.rescale == (("M1", 1.0),) and u.rescale == (("M1", 1.0),)
 
 
-def test_tile_records_the_loop_carried_state():
-    c = run_pipeline(lower(variant("causal")), stop_after="tile")
+def test_schedule_records_the_kernels_and_their_block_sizes():
+    c = run_pipeline(lower(variant("causal")), stop_after="schedule")
     assert c.facts["block_m"] > 0 and c.facts["block_n"] > 0
-    assert any("carries" in line and "M1" in line for line in c.facts["tiling"])
+    (kernel,) = c.facts["kernels"]
+    assert (kernel.kind, kernel.parallel, kernel.passes) == ("forward", "m", 1)
+    assert {"M1", "L1", "U", "O"} <= set(kernel.stmts) and kernel.stores == ("O",)
+    assert any("tiles" in line for line in c.facts["schedule"])
 
 
 def test_simplify_folds_functions_of_constants():

@@ -50,7 +50,7 @@ def test_second_compile_reads_the_same_file(cache_dir, monkeypatch):
 
     def no_render(plan):
         raise AssertionError("rendered again instead of reading the cache")
-    monkeypatch.setattr(torch_backend, "render_plan", no_render)
+    monkeypatch.setattr(torch_backend, "render", no_render)
     again = attnc.compile(example("causal"))
     assert again.source() == src
     q, k, v = qkv(1, 2, 2, 20, 20, 8)
@@ -58,13 +58,13 @@ def test_second_compile_reads_the_same_file(cache_dir, monkeypatch):
     assert kernel_files(cache_dir) == [path] and path.stat().st_mtime_ns == before
 
 
-def test_the_cached_file_is_what_runs(cache_dir):
-    attnc.compile(example("causal")).source()
+def test_a_cached_file_edited_on_disk_is_rebuilt_not_run(cache_dir):
+    src = attnc.compile(example("causal")).source()
     (path,) = kernel_files(cache_dir)
-    # a kernel read from the cache is executed as found: mark it and see the mark
-    path.write_text(path.read_text() + "\nMARK = 'from the cache'\n")
+    # the cache checks each entry against its checksum: an edited kernel is never executed
+    path.write_text(path.read_text().replace("def attnc_causal_fwd", "MARK = 1\ndef attnc_causal_fwd"))
     attn = attnc.compile(example("causal"))
-    assert attn.source().endswith("MARK = 'from the cache'\n")
+    assert attn.source() == src and "MARK" not in attn.source()
     q, k, v = qkv(1, 2, 2, 20, 20, 8)
     check_against_oracle(attn, q, k, v, {})
 

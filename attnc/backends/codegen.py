@@ -22,9 +22,10 @@ class Target:
     load: Callable[[Node, list[str]], str]
     inplace: dict[Op, tuple[str, int]] | None = None
     donated: Node | None = None
+    custom: Callable | None = None
 
     def text(self, n: Node, names: dict[Node, str] | None = None) -> str:
-        return render(n, self.table, self.leaf, names, self.load, self.inplace, self.donated)
+        return render(n, self.table, self.leaf, names, self.load, self.inplace, self.donated, self.custom)
 
 
 def linearize(roots: list[tuple[str, Node]], target: Target, names: dict[Node, str],

@@ -1,26 +1,33 @@
-"""KernelPlan -> plain PyTorch over tiles (templates/torch/forward.py.j2).
+"""KernelPlan -> plain PyTorch over tiles (templates/torch/kernel.py.j2), for forward and backward plans alike.
 
 Tiles are [B, HKV, GROUP, BLOCK_M, BLOCK_N]: every batch and head at once, the query heads that share a
-kv head stacked so one bmm serves the group (GQA). Index variables are broadcastable aranges."""
+kv head stacked so one bmm serves the group (GQA). Index variables are broadcastable aranges. Programs run
+one after another, so a kernel over query tiles may add into the key tiles' outputs as it goes: the backward
+is one kernel that carries dQ and accumulates dK and dV."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import math
+from collections import Counter
 
 import torch
 
-from attnc.backends.codegen import Target, linearize, render_template
+from attnc.backends.codegen import Target, render_template
 from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op
 from attnc.ir.printer import ATOM, INFIX, number
-from attnc.plan import INIT, KernelPlan, promote
+from attnc.plan.model import KernelPlan, State, value
 
+NAME = "torch"
+ACCUMULATES_IN_ORDER = True
 BLOCK_M, BLOCK_N = 256, 512
 # tile shapes the runtime chooses from per call (the kernel takes its tiles as an argument)
 TILE_SHAPES = ((256, 512), (256, 256), (128, 256), (128, 128), (64, 128))
+BLOCKS_TEXT = ("BLOCK_M x BLOCK_N chosen per call among " + ", ".join(f"{m}x{n}" for m, n in TILE_SHAPES)
+               + " by a cost model of the classified tiles (banded masks take small tiles, dense ones large)")
+PLAN_PASSES = ("promote", "literals", "hoist", "cse")
 # a model of this backend on a CPU, fitted to causal and sliding-window runs (BENCHMARKS.md): seconds per
 # score element of a full tile, the factor for a partial tile (mask evaluated and applied), and the fixed
 # cost of visiting a tile (~20 torch ops)
@@ -38,6 +45,7 @@ def tile_cost(tiles: list, block_m: int, sizes: dict) -> float:
             total += area * ELEMENT_S * (1.0 if full else PARTIAL_FACTOR) + TILE_S
     return total
 
+
 TABLE: dict[Op, tuple[str, int]] = {
     **INFIX,
     Op.AND: ("{0} & {1}", 7), Op.OR: ("{0} | {1}", 6), Op.NOT: ("~{0}", 12),
@@ -53,6 +61,7 @@ TABLE: dict[Op, tuple[str, int]] = {
     Op.DIVZ: ("torch.where({1} == 0, 0.0, {0} / {1})", ATOM, 12),
 }
 INDEX_VARS = {"b": "offs_b", "h": "offs_h", "q_idx": "offs_m", "kv_idx": "offs_n"}
+KEEP = value("keep", E.BOOL)
 
 
 def leaf(n: Node) -> str:
@@ -74,19 +83,39 @@ def load(n: Node, idx: list[str]) -> str:
     return f"p_{n.arg}[{', '.join(idx)}]"
 
 
+def masked_where(n: Node, parts: list[str]) -> tuple[str, int] | None:
+    """where(keep, x, fill) reads the mask, which a full tile does not compute: masked() passes x through."""
+    if n.op is Op.WHERE and n.src[0] == KEEP:
+        return f"masked({parts[1]}, keep, {parts[2]})", ATOM
+    return None
+
+
 # a function of a temporary that nothing else reads overwrites it instead of allocating
 INPLACE = {op: (f"{{0}}.{name}_()", ATOM, ATOM) for op, name in (
     (Op.EXP, "exp"), (Op.EXP2, "exp2"), (Op.TANH, "tanh"), (Op.SIGMOID, "sigmoid"), (Op.RELU, "relu"),
     (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))} | {
     op: (f"{{0}}.{name}_({{1}})", ATOM, ATOM) for op, name in (
         (Op.SUB, "sub"), (Op.ADD, "add"), (Op.MUL, "mul"), (Op.DIV, "div"))}
-TARGET = Target(TABLE, leaf, load, INPLACE)
-# Per-pair weights: exp's argument is clamped at -87 (exp(-87) ~ 1.6e-38, still a normal float). Far-away
-# keys (ALiBi, long rows) otherwise send exp down its underflow path, about ten times slower on a CPU;
-# the weights that changes are below 1e-37 and are added to a row sum of at least 1.
+TARGET = Target(TABLE, leaf, load, INPLACE, custom=masked_where)
+# Per-pair weights exp(x - m) of a running max m of x: the argument is clamped at -87 (exp(-87) ~ 1.6e-38,
+# still a normal float). Far-away keys (ALiBi, long rows) otherwise send exp down its underflow path, about
+# ten times slower on a CPU; the weights that changes are below 1e-37 and join a row sum of at least 1 (the
+# key holding the max contributes exp(0)). Only such exps are clamped: any other exp is exact.
 EXP_FLOOR = -87.0
-PAIR_TARGET = Target({**TABLE, Op.EXP: (f"torch.exp({{0}}.clamp(min={EXP_FLOOR}))", ATOM, ATOM)}, leaf, load,
-                     {**INPLACE, Op.EXP: (f"{{0}}.clamp_(min={EXP_FLOOR}).exp_()", ATOM, ATOM)})
+
+
+def _clamped_exp(maxima: dict[str, Node]):
+    """custom printing: exp(x - m_ref) of a running max m of x is clamped (see EXP_FLOOR)."""
+    def custom(n: Node, parts: list[str]) -> tuple[str, int] | None:
+        hit = masked_where(n, parts)
+        if hit is not None or n.op is not Op.EXP:
+            return hit
+        a = n.src[0]
+        if a.op is Op.SUB and a.src[1].op is Op.TENSOR and maxima.get(a.src[1].arg) == a.src[0]:
+            inner = parts[0]
+            return f"({inner}).clamp_(min={EXP_FLOOR}).exp_()", ATOM      # the difference is a fresh tile
+        return None
+    return custom
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,144 +147,355 @@ def flush_denormals():
             torch.set_flush_denormal(False)
 
 
-def _hoistable(n: Node) -> bool:
-    """A param read that depends on neither key nor score: compute it once, outside the key loop."""
-    return n.op is Op.LOAD and not E.free_indices(n) & {"kv_idx"} and not any(
-        x.op is Op.TENSOR for x in n.walk())
-
-
 SIZE_SOURCES = {"B": "B", "H": "H", "HKV": "HKV", "Q": "N_Q", "KV": "N_KV", "D": "HEAD_DIM"}
+WIDTHS = {"e": "HEAD_DIM", "f": "HEAD_DIM_V", None: "1"}
 
 
-def size_lines(plan: KernelPlan, exprs: list[Node]) -> list[tuple[str, str]]:
-    """0-d tensors for the sizes the expressions read: sizes of the call, or dims of a param's shape."""
-    used = sorted({n.arg for e in exprs for n in e.walk() if n.op is Op.SIZE})
-    free = {d: f"p_{p.name}.shape[{i}]" for p in plan.params for i, d in enumerate(p.dims) if isinstance(d, str)}
-    return [(f"size_{s}", f"torch.tensor({SIZE_SOURCES.get(s) or free[s]})") for s in used]
+def _reads(e: Node) -> set[str]:
+    return {x.arg for x in e.walk() if x.op is Op.TENSOR}
 
 
-S_READ = E.Node(Op.TENSOR, arg="s")
+def _new(s: State) -> str:
+    """The name of a running max's value after this tile: m_i -> m_ij, as in the tutorial."""
+    return s.name.replace("m_i", "m_ij") if s.name.startswith("m_i") else f"{s.name}_new"
 
 
-def read_once(x: Node, roots: list[Node]) -> bool:
-    """x is read by exactly one operation, as the first operand of arithmetic, across all of roots:
-    that operation may overwrite it (the maxima that also read it are computed before)."""
-    parents = [n for n in set(roots) for r in [n] for n in r.walk() if x in n.src]
-    parents = list({id(p): p for p in parents}.values())
-    distinct = set(parents)
-    if len(distinct) != 1 or x in roots:
-        return False
-    (p,) = distinct
-    return p.op in (Op.SUB, Op.ADD, Op.MUL, Op.DIV) and p.src[0] == x and p.src[1] != x and p.dtype == E.FLOAT
+# operations whose result is always a new tensor (never one of their operands): safe to overwrite later
+FRESH = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.EXP2, Op.TANH, Op.SIGMOID, Op.DIVZ, Op.LOG, Op.SQRT}
 
 
-def literal_floats(root: Node) -> Node:
-    """Float literals that where/min/max would otherwise turn into float32 scalars: make them tensors
-    of the accumulation dtype (torch.as_tensor(0.1, dtype=acc_dtype))."""
-    def fix(n: Node) -> Node | None:
-        if n.op not in (Op.WHERE, Op.MIN, Op.MAX) or n.dtype != E.FLOAT:
-            return None
-        if not any(s.op is Op.CONST and s.dtype == E.FLOAT for s in n.src):
-            return None
-        srcs = tuple(E.Node(Op.TOFLOAT, (s,), dtype=E.FLOAT) if s.op is Op.CONST and s.dtype == E.FLOAT else s
-                     for s in n.src)
-        return E.Node(n.op, srcs, n.arg, n.dtype)
-    return E.bottom_up(root, fix)
+class _Render:
+    """The values the template receives, for one plan."""
 
+    def __init__(self, plan: KernelPlan):
+        self.plan = plan
+        self.lines = plan.lines
+        self.kernel_names: set[str] = set()
+        self.exprs = plan.exprs() + [e for region in plan.lines.values() for _, e in region[0]]
 
-def state_init(s, with_ones: bool) -> str:
-    """A state's value before the first key tile: -inf for a max, zeros for a sum or the P·V accumulator
-    (with the ones column when a row sum rides along)."""
-    if s.kind == "dot":
-        return f"torch.zeros(B, HKV, GROUP, rows, HEAD_DIM_V{' + 1' if with_ones else ''}, dtype=acc_dtype)"
-    return f"torch.full((B, HKV, GROUP, rows, 1), {leaf(INIT[s.kind])}, dtype=acc_dtype)"
+    def text(self, e: Node, target: Target = TARGET) -> str:
+        return target.text(e)
 
+    def assigns(self, lines, target: Target = TARGET) -> list[tuple[str, str]]:
+        return [(n, self.text(e, target)) for n, e in lines]
 
-def render_plan(plan: KernelPlan) -> str:
-    plan = promote(plan, literal_floats)
-    names: dict[Node, str] = {}
-    hoisted_kernel, hoisted_row = [], []
-    exprs = [plan.score] + ([plan.mask] if plan.mask is not None else []) + [
-        s.value for p in plan.passes for s in p.states] + [e for _, e in plan.epilogue]
-    for e in exprs:
-        for n in e.walk():
-            if _hoistable(n) and n not in names:
-                name = "_".join([n.arg] + [x.arg[0] if x.op is Op.INDEX else "x" for x in n.src])
-                while name in names.values():
-                    name += "_"
-                level = hoisted_row if "q_idx" in E.free_indices(n) else hoisted_kernel
-                level.append((name, TARGET.text(n, names)))
-                names[n] = name
-    tile_names = dict(names)
-    score_wide = plan.score.uses(Op.TENSOR, "qk")
-    score_lines = linearize([("s", plan.score)], TARGET, tile_names, "s")
-    if not score_wide:      # a score that ignores q.k still has one value per pair of the tile
-        score_lines.append(("s", f"torch.as_tensor({tile_names[plan.score]}, dtype=acc_dtype).expand_as(qk)"))
-        tile_names[plan.score] = "s"
-    tile_names[E.Node(Op.TENSOR, arg="s")] = tile_names[plan.score]     # s may simply be qk
-
-    def wide(n: Node) -> bool:
-        return n.uses(Op.TENSOR, "qk") or n.uses(Op.TENSOR, "s")
-
-    def widen(lines: list, states, pn: dict) -> dict[str, str]:
-        """Each state's per-pair variable; values that do not vary over the whole tile are expanded to it."""
-        out = {}
-        for st in states:
-            out[st.name] = pn[st.value]
-            if not wide(st.value):
-                lines.append((f"{st.name}_pairs", f"torch.as_tensor({pn[st.value]}, dtype=acc_dtype).expand_as(qk)"))
-                out[st.name] = f"{st.name}_pairs"
+    # -- setup: full tensors, results --
+    def setup(self) -> list[tuple[str, str]]:
+        out = []
+        loads = self.plan.loads
+        if any(x.width == "f" for x in loads):
+            src = next(x.name for x in loads if x.width == "f")
+            out.append(("HEAD_DIM_V", f"{src}.shape[3]"))
+        scaled_q = any(d.scaled for p in self.plan.passes for d in p.dots)
+        for x in loads:
+            if x.width is None:
+                cast = "" if x.dtype == E.INT else ".to(acc_dtype)"
+                out.append((f"{x.name}_all", f"{x.name}{cast}.view(B, HKV, GROUP, N_Q, 1)"))
+            elif x.rank == "m":
+                scale = " * sm_scale" if x.role == "q" and scaled_q else ""
+                what = f"({x.name}.to(acc_dtype){scale})" if scale else f"{x.name}.to(acc_dtype)"
+                out.append((f"{x.name}_all", f"{what}.view(B, HKV, GROUP, N_Q, -1)"))
+            else:
+                out.append((f"{x.name}_all", f"{x.name}.to(acc_dtype)"))
+        if self.riders():
+            out.append(("v_ones", "torch.cat([v_all, v_all.new_ones(B, HKV, N_KV, 1)], dim=-1)  "
+                                  "# P·[V, 1] gives the row sum of P as one more column of the product"))
+        for p in self.plan.params:
+            if p.kind == "float":
+                out.append((f"p_{p.name}", f"p_{p.name}.to(acc_dtype)"))
+        used = sorted({n.arg for e in self.exprs for n in e.walk() if n.op is Op.SIZE})
+        free = {d: f"p_{p.name}.shape[{i}]" for p in self.plan.params for i, d in enumerate(p.dims)
+                if isinstance(d, str)}
+        out += [(f"size_{s}", f"torch.tensor({SIZE_SOURCES.get(s) or free[s]})") for s in used]
         return out
-    mask_lines = linearize([("keep", plan.mask)], TARGET, dict(names), "k") if plan.mask is not None else []
-    passes = []
-    for i, p in enumerate(plan.passes):
-        pn = dict(tile_names)
-        max_lines = linearize([(f"{s.name}_tile", s.value) for s in p.maxes], TARGET, pn, f"x{i + 1}_")
-        max_value = widen(max_lines, p.maxes, pn)
-        # a max of the score itself: partial tiles fill the score tile with -inf in place instead of a where
-        premask = tile_names[S_READ] if score_wide and plan.mask is not None and any(
-            s.value == S_READ for s in p.maxes) else None
-        alphas = [(a, TARGET.text(E.make(Op.EXP, E.const(c) * (E.Node(Op.TENSOR, arg=m) -
-                                                                 E.Node(Op.TENSOR, arg=f"{m}_ref"))) if c != 1 else
-                                  E.make(Op.EXP, E.Node(Op.TENSOR, arg=m) - E.Node(Op.TENSOR, arg=f"{m}_ref"))))
-                  for a, m, c in p.alphas()]
+
+    def results(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """(inits, returns): every output the kernel fills, and what it returns, in the runtime's order:
+        the stores, the scattered outputs, the param gradients."""
+        inits, returns = [], []
+        maxes = {s.name for p in self.plan.passes for s in p.maxes}
+        for s in self.plan.stores:
+            width = WIDTHS[s.width]
+            neg = s.target == "lse" or (s.value.op is Op.TENSOR and s.value.arg in maxes)
+            fill = "-math.inf" if neg else "0.0"
+            inits.append((f"{s.target}_all", f"torch.full((B, HKV, GROUP, N_Q, {width}), {fill}, dtype=acc_dtype)"))
+            full = f"({s.target}_all * sm_scale)" if s.scaled else f"{s.target}_all"
+            if s.width is None:
+                returns.append(f"{full}.view(B, H, N_Q)")
+            else:
+                returns.append(f"{full}.view(B, H, N_Q, {width}).to(out_dtype)")
+        for sc in self.scatters():
+            inits.append((f"{sc.target}_all", f"torch.zeros(B, HKV, N_KV, {WIDTHS[sc.width]}, dtype=acc_dtype)"))
+            # an operand q is pre-scaled (q * sm_scale), which is the scale such a product needs
+            scaled = sc.scaled and self.plan.load(sc.operand).role != "q"
+            returns.append(f"({sc.target}_all * sm_scale).to(out_dtype)" if scaled else f"{sc.target}_all.to(out_dtype)")
+        for name in self.grad_params():
+            inits.append((f"grad_{name}", f"torch.zeros(p_{name}.shape, dtype=acc_dtype)"))
+            returns.append(f"grad_{name}")
+        return inits, returns
+
+    def scatters(self):
+        seen = {}
+        for p in self.plan.passes:
+            for sc in p.scatters:
+                seen.setdefault(sc.target, sc)
+        return list(seen.values())
+
+    def grad_params(self) -> list[str]:
+        out = []
+        for g in [g for p in self.plan.passes for g in p.grads] + list(self.plan.row_grads):
+            if g.param not in out:
+                out.append(g.param)
+        return out
+
+    def riders(self) -> bool:
+        return any(self.rider_names(p) for p in self.plan.passes)
+
+    @staticmethod
+    def rider_names(p) -> list[str]:
+        """A row sum of the product's own weights rides along P·V as a column of ones in V (forward)."""
+        dot = next((s for s in p.states if s.kind == "dot" and s.operand == "v"), None)
+        return [s.name for s in p.states if dot is not None and s.kind == "sum" and s.value == dot.value
+                and s.rescale == dot.rescale][:1]
+
+    # -- the loop --
+    def kernel_and_program_lines(self) -> tuple[list, list]:
+        """Prologue lines that depend on no query index go once per kernel; the rest once per query tile,
+        after the tile's slices of the program's tensors."""
+        kernel, program = [], []
+        program_names = {x.name for x in self.plan.loads} | {n for n, _, _ in self.plan.rowdots}
+        for n, e in self.lines["prologue"][0]:
+            if "q_idx" in E.free_indices(e) or _reads(e) & program_names:
+                program.append((n, self.text(e)))
+                program_names.add(n)
+            else:
+                kernel.append((n, self.text(e)))
+        slices = []
+        needed = self.program_tiles()
+        for x in self.plan.loads:
+            if x.at != "program":
+                continue
+            if x.width is None:
+                if x.name in needed:
+                    slices.append((x.name, f"{x.name}_all[:, :, :, start_m:end_m]"))
+                continue
+            if x.name in needed or any(x.name in (a, b) for _, a, b in self.plan.rowdots):
+                slices.append((f"{x.name}_t", f"{x.name}_all[:, :, :, start_m:end_m]"))
+            if x.name in needed:
+                slices.append((f"{x.name}_blk", f"{x.name}_t.reshape(B * HKV, GROUP * rows, -1)"))
+        slices += [(n, f"({a}_t * {b}_t).sum(-1, keepdim=True)  # rowsum({a} * {b})") for n, a, b in self.plan.rowdots]
+        return kernel, slices + program
+
+    def program_tiles(self) -> set[str]:
+        used = set()
+        for p in self.plan.passes:
+            used |= {d.a for d in p.dots} | {s.operand for s in p.scatters}
+        for e in self.exprs:
+            used |= _reads(e)
+        return used
+
+    def pass_values(self, i: int, p) -> dict:
+        plan = self.plan
+        score_lines, s_var = [], None
+        if plan.score is not None:
+            score_lines = self.assigns(self.lines["score"][0])
+            s_var = self.lines["score"][1]["s"]
+            if not plan.score.uses(Op.TENSOR, "qk"):       # a score that ignores q.k has a value per pair still
+                score_lines.append(("s", f"torch.as_tensor({s_var}, dtype=acc_dtype).expand_as(qk)"))
+            elif s_var != "s":
+                score_lines.append(("s", s_var))            # the score is the logit itself: one tile, two names
+        score_wide = plan.score is not None and plan.score.uses(Op.TENSOR, "qk")
+        mask_lines = self.assigns(self.lines["mask"][0]) if plan.mask is not None else []
+        riders = self.rider_names(p)
+        used = {d.b for d in p.dots} | {s.operand for s in p.states if s.operand}
+        steps = []
+        for x in plan.loads:
+            if x.at == "step" and x.width is not None and x.name in used:
+                src = "v_ones" if x.name == "v" and riders else f"{x.name}_all"
+                steps.append((f"{x.name}_blk", f"{src}[:, :, start_n:end_n].reshape(B * HKV, cols, -1)"))
+        dots = [(f"compute {d.name}", d.name, f"torch.bmm({d.a}_blk, {d.b}_blk.transpose(1, 2))"
+                 f".view(B, HKV, GROUP, rows, cols)") for d in p.dots]
+        # a running max of the score itself: partial tiles fill the score with -inf in place instead of a where
+        premask = "s" if score_wide and plan.mask is not None and any(
+            s.kind == "max" and s.value == value("s") for s in p.states) else None
+        # -- maxima --
+        max_lines, max_names = self.lines[(i, "max")]
+        max_text = self.assigns(max_lines)
+        maxes, alphas = [], []
+        needs_ref = {m.name for m in p.maxes if any(f"{m.name}_ref" in _reads(e) for e in p.exprs())}
+        for s in p.states:
+            if s.kind not in ("max", "argmax"):
+                continue
+            v = self.wide(max_names[f"{s.name}_tile"], s.value, p, max_text)
+            if s.kind == "max":
+                tile = f"{v}.amax(-1, keepdim=True)" if premask and s.value == value("s") else \
+                    f"masked({v}, keep, -math.inf).amax(-1, keepdim=True)"
+                maxes.append(f"{_new(s)} = torch.maximum({s.name}, {tile})")
+                if s.name in needs_ref:
+                    maxes.append(f"{s.name}_ref = torch.where({_new(s)} == -math.inf, 0.0, {_new(s)})  "
+                                 f"# a row with nothing kept yet")
+            else:
+                maxes += [f"{s.name}_val, {s.name}_at = masked({v}, keep, -math.inf).max(-1, keepdim=True)",
+                          f"{s.name}_better = {s.name}_val > {s.name}_max  # the first key holding the max wins",
+                          f"{s.name}_max = torch.where({s.name}_better, {s.name}_val, {s.name}_max)",
+                          f"{s.name} = torch.where({s.name}_better, {s.name}_at + start_n, {s.name})"]
+        for a, m, c in p.alphas():
+            diff = value(m) - value(f"{m}_ref")
+            alphas.append((a, self.text(E.make(Op.EXP, diff if c == 1 else E.const(c) * diff))))
+        # -- per-pair values; temporaries nothing reads afterwards are overwritten in place --
+        val_lines, val_names = self.lines[(i, "values")]
+        target = Target(TABLE, leaf, load, INPLACE, custom=_clamped_exp({f"{s.name}_ref": s.value for s in p.maxes}))
+        tile_vars = {"s"} | {n for n, _ in self.lines["score"][0]} if score_wide else set()
+        value_lines = self.donating(val_lines, val_names, tile_vars | {"dp"}, target)
+        updates = []
         alpha_of = {(m, c): a for a, m, c in p.alphas()}
-        value_roots = [("p" if s.kind == "dot" else f"{s.name}_tile", s.value)
-                       for s in sorted(p.sums, key=lambda s: s.kind != "dot")]
-        donate = S_READ if score_wide and read_once(S_READ, [r for _, r in value_roots]) else None
-        sum_lines = linearize(value_roots, dataclasses.replace(PAIR_TARGET, donated=donate), pn, f"y{i + 1}_")
-        sum_value = widen(sum_lines, p.sums, pn)
-        dot = next((s for s in p.sums if s.kind == "dot"), None)
-        # a sum of the dot's own weights rides along the P·V product as a column of ones in V
-        riders = [s.name for s in p.sums if dot is not None and s.kind == "sum" and s.value == dot.value
-                  and s.rescale == dot.rescale][:1]
-        passes.append({
-            "number": i + 1,
-            "inits": [(s.name, state_init(s, bool(riders))) for s in p.states if s.name not in riders],
-            "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": max_value[s.name],
-                       "needs_ref": any(x.uses(Op.TENSOR, f"{s.name}_ref") for x in [y.value for y in p.sums]),
-                       "premasked": premask is not None and s.value == S_READ}
-                      for s in p.maxes],
-            "premask": premask,
-            "has_dot": dot is not None,
-            "max_lines": max_lines,
-            "alphas": alphas,
-            "sum_lines": sum_lines,
-            "sums": [{"name": s.name, "value": sum_value[s.name], "is_dot": s.kind == "dot",
-                      "adds_p": s.kind != "dot" and sum_value[s.name] == "p",
-                      "alpha": " * ".join(alpha_of[r] for r in s.rescale)} for s in p.sums if s.name not in riders],
-            "dot_value": sum_value[dot.name] if dot is not None else None,
-            "riders": riders,
-            "dot_fresh": dot is not None and sum_value[dot.name] == "p",
-        })
-    epilogue = [(n, TARGET.text(e, dict(names))) for n, e in plan.epilogue]
+        for s in p.states:
+            if s.kind in ("max", "argmax") or s.name in riders:
+                continue
+            v = self.wide(val_names[self.root_name(s, p)], s.value, p, value_lines)
+            alpha = " * ".join(alpha_of[r] for r in s.rescale)
+            if alpha:
+                updates.append(f"{s.name}.mul_({alpha})")
+            w = v if self.masked_def(s.value, p) else f"masked({v}, keep, 0.0)"
+            if s.kind == "sum":
+                updates.append(f"{s.name}.add_({w}.sum(-1, keepdim=True))")
+                continue
+            if v == "p" and s.operand == "v" and not self.masked_def(s.value, p):   # a fresh temporary
+                updates += ["if keep is not None:", "    p.masked_fill_(drop, 0.0)"]
+                w = "p"
+            updates.append(f"{s.name}.view(B * HKV, GROUP * rows, -1).baddbmm_("
+                           f"{w}.reshape(B * HKV, GROUP * rows, cols), {s.operand}_blk)")
+        for sc in p.scatters:
+            v = self.wide(val_names[f"{sc.target}_tile"], sc.value, p, value_lines)
+            w = v if self.masked_def(sc.value, p) else f"masked({v}, keep, 0.0)"
+            updates.append(f"{sc.target}_all[:, :, start_n:end_n] += torch.bmm({w}.reshape(B * HKV, GROUP * rows, "
+                           f"cols).transpose(1, 2), {sc.operand}_blk).view(B, HKV, cols, -1)")
+        for j, g in enumerate(p.grads):
+            v = val_names[f"g{j}_{g.param}"]
+            w = v if self.masked_def(g.value, p) else f"masked({v}, keep, 0.0)"
+            index = [val_names[f"g{j}_{g.param}_i{a}"] for a in range(len(g.index))]
+            updates.append(f"scatter_add(grad_{g.param}, ({', '.join(index)},), {w})")
+        updates += [f"{s.name} = {_new(s)}" for s in p.maxes]
+        dot = next((s for s in p.states if s.kind == "dot" and s.operand == "v"), None)
+        finish = [f"{r}, {dot.name} = {dot.name}[..., HEAD_DIM_V:], {dot.name}[..., :HEAD_DIM_V]" for r in riders]
+        return {
+            "number": i, "inits": self.inits(p, riders), "step_lines": steps, "dots": dots,
+            "score_lines": score_lines, "mask_lines": mask_lines, "premask": premask,
+            "max_lines": max_text, "maxes": maxes, "alphas": alphas,
+            "value_lines": value_lines, "updates": updates, "finish_lines": finish,
+            "after_lines": self.assigns(self.lines[(i, "after")][0]),
+            "values_comment": "weights and running sums" if plan.kind == "forward" else "per-pair values",
+        }
+
+    @staticmethod
+    def root_name(s: State, p) -> str:
+        return "p" if s.name == "acc" and "p" not in dict(p.defs) else f"{s.name}_tile"
+
+    @staticmethod
+    def masked_def(v: Node, p) -> bool:
+        """v is a definition of the pass that applies the mask itself (p, ds): nothing to mask again."""
+        defs = dict(p.defs)
+        if v.op is not Op.TENSOR or v.arg not in defs:
+            return False
+        e = defs[v.arg]
+        return e.op is Op.WHERE and e.src[0] == KEEP and e.src[2].op is Op.CONST and e.src[2].arg == 0
+
+    def wide(self, var: str, v: Node, p, lines: list) -> str:
+        """The variable of a per-pair value; one that does not vary over the whole tile (it reads neither the
+        tile's products nor a definition of the pass) is expanded to it."""
+        if _reads(v) & ({"qk", "s", "dp"} | {n for n, _ in p.defs}):
+            return var
+        lines.append((f"{var}_pairs", f"torch.as_tensor({var}, dtype=acc_dtype).expand_as(qk)"))
+        return f"{var}_pairs"
+
+    def donating(self, lines, names: dict, tile_vars: set[str], target: Target) -> list[tuple[str, str]]:
+        """Print the pass's value lines. A line whose first operand is a per-pair temporary that nothing reads
+        afterwards overwrites it (sub_, mul_ ...) instead of allocating another tile. Only results that are
+        surely fresh tensors count as temporaries: masked() may return its input itself."""
+        roots = set(names.values())                    # read by the updates after the lines
+        later, reads_after = [], set(roots)
+        for _, e in reversed(lines):
+            later.append(set(reads_after))
+            reads_after |= _reads(e)
+        later.reverse()
+        fresh = set(tile_vars) | {n for n, e in lines if e.op in FRESH}
+        out = []
+        for (n, e), after in zip(lines, later):
+            reads = Counter(s for x in e.walk() for s in x.src if s.op is Op.TENSOR)
+            donor = next((x.src[0] for x in e.walk() if x.op in (Op.SUB, Op.ADD, Op.MUL, Op.DIV)
+                          and x.dtype == E.FLOAT and x.src[0].op is Op.TENSOR and x.src[0].arg in fresh
+                          and x.src[0].arg not in after and reads[x.src[0]] == 1), None)
+            t = Target(target.table, target.leaf, target.load, target.inplace, donor, target.custom)
+            out.append((n, t.text(e)))
+        return out
+
+    def inits(self, p, riders: list[str]) -> list[tuple[str, str]]:
+        """Each state's value before the first key tile."""
+        out = []
+        for s in p.states:
+            if s.name in riders:
+                continue
+            if s.kind == "dot":
+                extra = " + 1" if riders and s.operand == "v" else ""
+                out.append((s.name, f"torch.zeros(B, HKV, GROUP, rows, {WIDTHS[s.width]}{extra}, dtype=acc_dtype)"))
+            elif s.kind == "argmax":
+                out.append((f"{s.name}_max", "torch.full((B, HKV, GROUP, rows, 1), -math.inf, dtype=acc_dtype)"))
+                out.append((s.name, "torch.zeros((B, HKV, GROUP, rows, 1), dtype=torch.int64)"))
+            else:
+                fill = "-math.inf" if s.kind == "max" else "0.0"
+                out.append((s.name, f"torch.full((B, HKV, GROUP, rows, 1), {fill}, dtype=acc_dtype)"))
+        return out
+
+    def stores(self) -> list[str]:
+        ep_lines, ep_names = self.lines["epilogue"]
+        out = []
+        for s in self.plan.stores:
+            v = ep_names[f"store_{s.target}"]
+            out.append(f"{s.target}_all[:, :, :, start_m:end_m] = {v}")
+        for j, g in enumerate(self.plan.row_grads):
+            index = [ep_names[f"g{j}_{g.param}_i{a}"] for a in range(len(g.index))]
+            out.append(f"scatter_add(grad_{g.param}, ({', '.join(index)},), {ep_names[f'g{j}_{g.param}']})")
+        return out
+
+
+def render(plan: KernelPlan) -> str:
+    r = _Render(plan)
+    results, returns = r.results()
+    kernel_lines, program_lines = r.kernel_and_program_lines()
+    passes = [r.pass_values(i, p) for i, p in enumerate(plan.passes, 1)]
+    args = []
+    for x in plan.loads:
+        if x.name not in args:
+            args.append(x.name)
+    args += [f"p_{p.name}" for p in plan.params]
+    doc = [f"{x.name}: {'[B, H, N_Q, ' + ('D' if x.width == 'e' else 'DV') + ']' if x.rank == 'm' and x.width else '[B, H, N_Q]' if x.width is None else '[B, HKV, N_KV, ' + ('D' if x.width == 'e' else 'DV') + ']'}"
+           for x in plan.loads]
+    doc.append("returns " + ", ".join(s.target for s in plan.stores) + "".join(
+        f", {s.target}" for s in r.scatters()) + "".join(f", grad_{n}" for n in r.grad_params()))
     v = plan.variant
+    exprs = r.exprs
     return render_template(
-        "torch/forward.py.j2", kernel_name=plan.name, variant=v.name, source=ascii(v.file)[1:-1],
-        notes=list(plan.notes),
-        pass_count=plan.pass_count, params=[p.name for p in plan.params],
-        size_lines=size_lines(plan, exprs), float_params=[p.name for p in plan.params if p.kind == "float"],
-        hoisted_kernel=hoisted_kernel, hoisted_row=hoisted_row, score_lines=score_lines,
-        mask_lines=mask_lines, passes=passes, any_riders=any(p["riders"] for p in passes), epilogue=epilogue, has_lse=plan.has_lse,
-        uses_index={k: any(n.op is Op.INDEX and n.arg == k for e in exprs for n in e.walk())
-                    for k in INDEX_VARS})
+        "torch/kernel.py.j2", kernel_name=plan.name, kind=plan.kind, variant=v.name, source=ascii(v.file)[1:-1],
+        notes=list(plan.notes), pass_count=plan.pass_count, args=args, doc=doc, setup=r.setup(),
+        results=results, returns=returns, grad_params=r.grad_params(), kernel_lines=kernel_lines, program_lines=program_lines, passes=passes,
+        epilogue_lines=r.assigns(r.lines["epilogue"][0]), stores=r.stores(),
+        uses_index={k: any(n.op is Op.INDEX and n.arg == k for e in exprs for n in e.walk()) for k in INDEX_VARS})
+
+
+def load_kernel(source: str, name: str, path):
+    """The generated module's kernel function."""
+    from attnc.runtime.cache import load_kernel as load
+    return load(source, name, path)
+
+
+def launch(compiled, kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:
+    """Run one kernel on a call's tensors (by cascade name: Q, K, V, dO, saved statistics ...); returns
+    its results by name (plan.results())."""
+    keep_tiles_in_the_heap()
+    plan = kernel.plan
+    block_m, tiles = compiled.schedule(plan, sizes, params, TILE_SHAPES, tile_cost)
+    args = {x.name: tensors[x.tensor] for x in plan.loads}
+    args.update({f"p_{p.name}": params[p.name] for p in plan.params})
+    with flush_denormals():
+        got = kernel.run(**args, sm_scale=scale, tiles=tiles, BLOCK_M=block_m)
+    return dict(zip(plan.results(), got))

@@ -1,31 +1,29 @@
-"""KernelPlan -> Triton (templates/triton/forward.py.j2): one program per (query tile, batch x head).
+"""KernelPlan -> Triton (templates/triton/kernel.py.j2): one program per (tile of the parallel rank, batch x head).
 
-Tiles are 2-D: rows are queries (offs_m[:, None]), columns keys (offs_n[None, :]), and row statistics are
-[BLOCK_M, 1], so every plan expression broadcasts as printed. Block sparsity reaches the kernel as
-FlexAttention-style index lists (partial tiles, full tiles) per query tile; for decoding, split-KV shares a
-row's tiles among programs and a merge kernel combines their states through the plan's rescale factors."""
+Tiles are 2-D, [parallel, loop]: a kernel over query tiles has queries as rows (offs_m[:, None]) and keys as
+columns (offs_n[None, :]), row statistics [BLOCK_M, 1]; a kernel over key tiles (dK/dV) is transposed, keys as
+rows and queries as columns, and a query row's statistics are [1, BLOCK_M]. Every plan expression broadcasts
+as printed. Block sparsity reaches the kernel as FlexAttention-style index lists (partial tiles, full tiles)
+per program tile; for decoding, split-KV shares a row's tiles among programs and a merge kernel combines
+their states through the plan's rescale factors. Launching lives in triton_launch.py."""
 from __future__ import annotations
 
-import linecache
 import math
-import os
 import re
-from dataclasses import dataclass, replace
 
-import torch
-
-from attnc.backends.codegen import Target, linearize, render_template
-from attnc.errors import CallError
+from attnc.backends.codegen import Target, render_template
 from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op
 from attnc.ir.printer import ATOM, INFIX, number
-from attnc.passes.block_sparsity import FULL, PARTIAL
-from attnc.plan import KernelPlan, KVPass, promote
+from attnc.plan.base2 import exp2_of, scaled_names
+from attnc.plan.model import KernelPlan, value
 
-BLOCK_M, BLOCK_N = 128, 64              # the plan's defaults; launch picks per shape and classifies with those
-SPLIT_MAX_Q, SPLIT_MIN_KV = 16, 1024    # split-KV decoding: few queries, many keys
-MAX_SPLITS = 64
-LN2 = 0.6931471805599453
+NAME = "triton"
+ACCUMULATES_IN_ORDER = False
+BLOCK_M, BLOCK_N = 128, 64              # the plan's defaults; a call picks per shape (triton_launch.block_sizes)
+BLOCKS_TEXT = ("128x64 (64x64 when the head dims are wide, 64x32 wider still; 16 or 32 under the interpreter), "
+               "chosen per call from the head dims and the dtype")
+PLAN_PASSES = ("promote", "lower_ops", "base2", "hoist", "cse")
 
 TABLE: dict[Op, tuple] = {
     **INFIX,
@@ -41,416 +39,574 @@ TABLE: dict[Op, tuple] = {
     Op.DIVZ: ("divz({0}, {1})", ATOM),
     Op.TOFLOAT: ("tl.cast({0}, tl.float32)", ATOM),                  # tl.cast also takes constexpr sizes
     Op.FLOORDIV: ("py_floordiv({0}, {1})", ATOM), Op.MOD: ("py_mod({0}, {1})", ATOM),   # triton's truncate
-    Op.POW: ("tl.exp2({1} * tl.log2({0}))", ATOM, 11),               # non-integer exponents only (see lower)
+    Op.POW: ("tl.exp2({1} * tl.log2({0}))", ATOM, 11),               # non-integer exponents only (lower_ops)
 }
-INDEX_VARS = {"b": "off_b", "h": "off_h", "q_idx": "offs_m[:, None]", "kv_idx": "offs_n[None, :]"}
 SIZE_VARS = {"B": "B", "H": "H", "HKV": "HKV", "Q": "N_Q", "KV": "N_KV", "D": "HEAD_DIM"}
-# names the template itself binds: a hoisted param read must not take one
-RESERVED = {"q", "k", "v", "p", "s", "qk", "keep", "out", "lse", "acc", "alpha", "split", "num", "part", "row",
-            "row_ok", "i", "lo", "hi", "tanh", "sign", "divz", "softplus", "py_mod", "py_floordiv", "start_m",
-            "start_n", "off_hz", "off_b", "off_h", "off_hkv", "offs_m", "offs_n", "offs_d", "offs_dv", "qk_scale"}
 NEG_INF = 'float("-inf")'
-
-
-def leaf(n: Node) -> str:
-    if n.op is Op.CONST:
-        v = n.arg
-        if isinstance(v, float) and math.isinf(v):
-            return 'float("inf")' if v > 0 else NEG_INF
-        return number(v)
-    if n.op is Op.INDEX:
-        return INDEX_VARS[n.arg]
-    if n.op is Op.SIZE:
-        return SIZE_VARS.get(n.arg) or f"size_{n.arg}"
-    if n.op is Op.TENSOR:
-        return n.arg
-    raise NotImplementedError(n.op.name)
-
-
+# how the indices print, by the plan's parallel rank: rows are the parallel rank's tile
+INDEX_VARS = {"m": {"b": "off_b", "h": "off_h", "q_idx": "offs_m[:, None]", "kv_idx": "offs_n[None, :]"},
+              "n": {"b": "off_b", "h": "off_h", "q_idx": "offs_m[None, :]", "kv_idx": "offs_n[:, None]"}}
+BOUNDS = {"q_idx": "offs_m{} < N_Q", "kv_idx": "offs_n{} < N_KV"}
 _ATOM_TEXT = re.compile(r"[A-Za-z_]\w*(\[[^\]]*\])?|\d+")
+WIDTH = {"e": ("offs_d", "BLOCK_DMODEL", "HEAD_DIM"), "f": ("offs_dv", "BLOCK_DV", "HEAD_DIM_V")}
 
 
-def load(n: Node, idx: list[str]) -> str:
-    """A param read through its pointer and strides, masked to the rows and columns that exist."""
-    idx = [i if _ATOM_TEXT.fullmatch(i) else f"({i})" for i in idx]       # each index multiplies its stride
-    offset = " + ".join(f"{i} * stride_{n.arg}_{d}" for d, i in enumerate(idx))
-    free = E.free_indices(n)
-    bounds = [c for ix, c in (("q_idx", "(offs_m[:, None] < N_Q)"), ("kv_idx", "(offs_n[None, :] < N_KV)"))
-              if ix in free]
-    mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
-    cast = ".to(tl.float32)" if n.dtype == E.FLOAT else ""
-    return f"tl.load(p_{n.arg} + {offset}{mask}){cast}"
+def target_for(parallel: str, alias: dict[str, str] | None = None) -> Target:
+    """The printing rules for a plan over `parallel`'s tiles: indices and param reads in its orientation;
+    alias: plan values printed by another name (s as qk when the score is the logit itself)."""
+    index = INDEX_VARS[parallel]
+    alias = alias or {}
 
-
-TARGET = Target(TABLE, leaf, load)
-
-
-# -- lowering: ops triton spells differently, as rewrites into ops it has --
-def _lower_rule(n: Node) -> Node | None:
-    a = n.src[0] if n.src else None
-    if n.op is Op.POW and n.src[1].op is Op.CONST and float(n.src[1].arg).is_integer() and abs(n.src[1].arg) <= 4:
-        e = int(n.src[1].arg)                                    # x ** 2 -> x * x, x ** -1 -> 1 / x
-        if e == 0:
-            return E.const(1.0) if n.dtype == E.FLOAT else E.const(1)
-        out = a
-        for _ in range(abs(e) - 1):
-            out = E.make(Op.MUL, out, a)
-        return out if e > 0 else E.make(Op.DIV, E.const(1.0), out)
-    if n.op is Op.POW and n.src[1].op is Op.CONST and n.src[1].arg == 0.5:
-        return E.make(Op.SQRT, a)                                 # x ** 0.5 -> sqrt(x)
-    if n.op in (Op.FLOOR, Op.CEIL) and n.dtype == E.INT:
-        return a                                                  # floor(i) -> i
-    return None
-
-
-def lower(root: Node) -> Node:
-    memo: dict[Node, Node] = {}
-    for n in root.walk():
-        srcs = tuple(memo[s] for s in n.src)
-        m = n if srcs == n.src else Node(n.op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc)
-        memo[n] = _lower_rule(m) or m
-    return memo[root]
-
-
-def _lowered(plan: KernelPlan) -> KernelPlan:
-    plan = promote(plan)
-    passes = tuple(KVPass(tuple(replace(s, value=lower(s.value)) for s in p.states)) for p in plan.passes)
-    return replace(plan, score=lower(plan.score), mask=plan.mask and lower(plan.mask), passes=passes,
-                   epilogue=tuple((n, lower(e)) for n, e in plan.epilogue))
-
-
-# -- base 2: exp2 with log2(e) folded into qk_scale --
-def _scaled_names(plan: KernelPlan) -> set[str]:
-    maxes = [s.name for p in plan.passes for s in p.maxes]
-    return {"qk", "s"} | set(maxes) | {f"{m}{x}" for m in maxes for x in ("_ref", "_part")}
-
-
-def exp2_of(root: Node, scaled: set[str]) -> Node | None:
-    """root with exp(linear combination of base-2 values) as exp2 of it; None if a base-2 value is used
-    any other way."""
-    def linear(n: Node) -> bool:
-        if n.op is Op.TENSOR:
-            return n.arg in scaled
-        if n.op in (Op.ADD, Op.SUB):
-            return all(linear(x) for x in n.src)
-        if n.op is Op.NEG:
-            return linear(n.src[0])
-        if n.op is Op.MUL:
-            a, b = n.src
-            return (a.op is Op.CONST and linear(b)) or (b.op is Op.CONST and linear(a))
-        return False
-
-    memo: dict[Node, Node] = {}
-    exposed: set[Node] = set()          # nodes that carry a base-2 value outside a linear exp
-    for n in root.walk():
-        if n.op is Op.EXP and linear(n.src[0]):
-            memo[n] = Node(Op.EXP2, n.src, dtype=E.FLOAT)          # exp(x) = exp2(x log2 e), x already scaled
-            continue
-        if (n.op is Op.TENSOR and n.arg in scaled) or any(x in exposed for x in n.src):
-            exposed.add(n)
-        srcs = tuple(memo[x] for x in n.src)
-        memo[n] = n if srcs == n.src else Node(n.op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc)
-    return None if root in exposed else memo[root]
-
-
-def base2(plan: KernelPlan) -> KernelPlan | None:
-    """The plan in base-2 units, when qk's only role is exp(linear combination of qk and its running
-    maxima): qk_scale then carries log2(e), each such exp becomes exp2 of the same argument, and the
-    epilogue reads each maximum times ln 2. None when the plan uses qk any other way."""
-    if plan.score != _tensor("qk") or any(s.value != _tensor("s") for p in plan.passes for s in p.maxes):
-        return None
-    scaled = _scaled_names(plan)
-    passes = []
-    for p in plan.passes:
-        states = []
-        for s in p.states:
-            value = s.value if s.kind == "max" else exp2_of(s.value, scaled)
-            if value is None:
-                return None
-            states.append(replace(s, value=value))
-        passes.append(KVPass(tuple(states)))
-    natural = {_tensor(s.name): E.make(Op.MUL, _tensor(s.name), E.const(LN2)) for p in plan.passes for s in p.maxes}
-    return replace(plan, passes=tuple(passes),
-                   epilogue=tuple((n, E.substitute(e, natural)) for n, e in plan.epilogue))
-
-
-# -- rendering --
-def _hoistable(n: Node) -> bool:
-    """A param read that depends on neither key nor score: loaded once per program, outside the key loop."""
-    return n.op is Op.LOAD and "kv_idx" not in E.free_indices(n) and not any(x.op is Op.TENSOR for x in n.walk())
-
-
-def _tensor(name: str) -> Node:
-    return Node(Op.TENSOR, arg=name)
-
-
-def _alpha(m: str, c: float, old: str) -> Node:
-    """exp(c * (old - m_ref)): what a sum kept against the max `old` is worth against the new max."""
-    diff = _tensor(old) - _tensor(f"{m}_ref")
-    return E.make(Op.EXP, diff if c == 1 else E.const(c) * diff)
-
-
-def _init(kind: str) -> str:
-    if kind == "dot":
-        return "tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)"
-    return f"tl.full([BLOCK_M, 1], {NEG_INF}, dtype=tl.float32)" if kind == "max" else \
-        "tl.zeros([BLOCK_M, 1], dtype=tl.float32)"
-
-
-def _needs(exprs: list[Node], hoisted: dict[Node, str], params: dict) -> set[str]:
-    """Kernel names an expression reads besides the fixed arguments: sizes, param pointers and strides,
-    hoisted reads (whose own loads then are not needed), plan states."""
-    out: set[str] = set()
-    seen: set[Node] = set()
-    stack = list(exprs)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in hoisted:
-            out.add(hoisted[n])
-            continue
+    def leaf(n: Node) -> str:
+        if n.op is Op.CONST:
+            v = n.arg
+            if isinstance(v, float) and math.isinf(v):
+                return 'float("inf")' if v > 0 else NEG_INF
+            return number(v)
+        if n.op is Op.INDEX:
+            return index[n.arg]
         if n.op is Op.SIZE:
-            out.add(leaf(n))
-        elif n.op is Op.TENSOR:
-            out.add(n.arg)
-        elif n.op is Op.LOAD:
-            out |= {f"p_{n.arg}"} | {f"stride_{n.arg}_{d}" for d in range(len(params[n.arg].dims))}
-        stack.extend(n.src)
-    return out
+            return SIZE_VARS.get(n.arg) or f"size_{n.arg}"
+        if n.op is Op.TENSOR:
+            return alias.get(n.arg, n.arg)
+        raise NotImplementedError(n.op.name)
+
+    def load(n: Node, idx: list[str]) -> str:
+        """A param read through its pointer and strides, masked to the rows and columns that exist."""
+        idx = [i if _ATOM_TEXT.fullmatch(i) else f"({i})" for i in idx]     # each index multiplies its stride
+        offset = " + ".join(f"{i} * stride_{n.arg}_{d}" for d, i in enumerate(idx))
+        free = E.free_indices(n)
+        bounds = [f"({index[ix].split('[')[0]}{index[ix][len(index[ix].split('[')[0]):]} < {lim})"
+                  for ix, lim in (("q_idx", "N_Q"), ("kv_idx", "N_KV")) if ix in free]
+        mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
+        cast = ".to(tl.float32)" if n.dtype == E.FLOAT else ""
+        return f"tl.load(p_{n.arg} + {offset}{mask}){cast}"
+    return Target(TABLE, leaf, load)
 
 
-def _render_pass(i: int, p: KVPass, tile_names: dict[Node, str], exp) -> dict:
-    pn = dict(tile_names)
-    max_lines = linearize([(f"{s.name}_tile", s.value) for s in p.maxes], TARGET, pn, f"x{i}_")
-    alphas = p.alphas()
-    alpha_of = {(m, c): a for a, m, c in alphas}
-    dot = next((s for s in p.sums if s.kind == "dot"), None)
-    roots = [("p" if s.kind == "dot" else f"{s.name}_tile", s.value)
-             for s in sorted(p.sums, key=lambda s: s.kind != "dot")]
-    sum_lines = linearize(roots, TARGET, pn, f"y{i}_")
-    sums = []
-    for s in p.sums:
-        if s.kind == "dot":
-            continue
-        tile = "p" if dot is not None and s.value == dot.value else f"tl.where(keep, {pn[s.value]}, 0.0)"
-        scaled = " * ".join([s.name] + [alpha_of[r] for r in s.rescale])
-        sums.append({"name": s.name, "rhs": f"{scaled} + tl.sum({tile}, 1, keep_dims=True)"})
-    return {
-        "number": i, "targets": ", ".join(s.name for s in p.states),
-        "states": [{"name": s.name, "init": _init(s.kind)} for s in p.states],
-        "max_lines": max_lines,
-        "maxes": [{"name": s.name, "new": s.name.replace("m_i", "m_ij"), "value": pn[s.value]} for s in p.maxes],
-        "alphas": [(a, TARGET.text(exp(_alpha(m, c, m)))) for a, m, c in alphas],
-        "sum_lines": sum_lines,
-        "sums": sums,
-        "dot": None if dot is None else {"name": dot.name, "value": pn[dot.value],
-                                         "alpha": " * ".join(alpha_of[r] for r in dot.rescale)},
-    }
+def _reads(e: Node) -> set[str]:
+    return {x.arg for x in e.walk() if x.op is Op.TENSOR}
 
 
-def _param_args(plan: KernelPlan) -> list[tuple[str, str]]:
-    """(kernel argument, launcher expression) for every param: pointer, strides, and free dims' sizes."""
-    args, free_done = [], set()
-    for p in plan.params:
-        args.append((f"p_{p.name}", f"p_{p.name}"))
-        args += [(f"stride_{p.name}_{d}", f"p_{p.name}.stride({d})") for d in range(len(p.dims))]
-        for d, dim in enumerate(p.dims):
-            if isinstance(dim, str) and dim not in SIZE_VARS and dim not in free_done:
-                free_done.add(dim)
-                args.append((f"size_{dim}", f"p_{p.name}.shape[{d}]"))
-    return args
+def pointer(load_name: str) -> str:
+    return {"out": "Out", "lse": "Lse"}.get(load_name, load_name.upper())
 
 
-def render_plan(plan: KernelPlan) -> str:
-    plan = _lowered(plan)
-    folded = base2(plan)
-    scaled = _scaled_names(plan)
+class _Render:
+    """The values the template receives, for one plan."""
 
-    def exp(n: Node) -> Node:                  # the plan's exps of base-2 values as exp2
-        return exp2_of(n, scaled) if folded else n
+    def __init__(self, plan: KernelPlan):
+        self.plan = plan
+        self.par = plan.parallel
+        self.loop = plan.loop
+        s_var = plan.lines["score"][1]["s"] if plan.score is not None else "s"
+        self.alias = {"s": s_var} if s_var != "s" else {}
+        self.t = target_for(self.par, self.alias)
+        self.lines = plan.lines
+        self.exp_base2 = plan.base2
+        self.scaled = scaled_names(plan) if plan.base2 else set()
+        self.param_args = self._param_args()
+        self.matrix_loads = [x for x in plan.loads if x.width is not None]
+        self.row_loads = [x for x in plan.loads if x.width is None]
 
-    plan = folded or plan
-    exprs = [plan.score] + ([plan.mask] if plan.mask is not None else []) + [
-        s.value for p in plan.passes for s in p.states] + [e for _, e in plan.epilogue]
-    names: dict[Node, str] = {}
-    hoisted = []
-    for e in exprs:
-        for n in e.walk():
-            if _hoistable(n) and n not in names:
-                name = "_".join([n.arg] + [x.arg[0] if x.op is Op.INDEX else "x" for x in n.src])
-                while name in names.values() or name in RESERVED:
-                    name += "_"
-                hoisted.append((name, TARGET.text(n, names)))
-                names[n] = name
-    tile_names = dict(names)
-    score_lines = linearize([("s", plan.score)], TARGET, tile_names, "s")
-    tile_names[_tensor("s")] = tile_names[plan.score]                    # s may simply be qk
-    mask_lines = []
-    if plan.mask is not None:                                           # keep = keep & <mask>
-        keep = Node(Op.TENSOR, arg="keep", dtype=E.BOOL)
-        mask_lines = linearize([("keep", E.make(Op.AND, keep, plan.mask))], TARGET, dict(names), "k")
+    def text(self, e: Node) -> str:
+        return self.t.text(e)
 
-    params = {p.name: p for p in plan.params}
-    param_args = _param_args(plan)
-    # every name a helper may take beyond its fixed arguments, in one order; each takes those it reads
-    order = ([SIZE_VARS[s] for s in ("B", "H", "HKV")] + [a for a, _ in param_args] + [h for h, _ in hoisted]
-             + [s.name for p in plan.passes for s in p.states])
+    def names(self, region) -> tuple[list, dict[str, str]]:
+        """A cse region's lines, and its roots' variables as printed (aliases resolved)."""
+        lines, names = self.lines[region]
+        return lines, {k: self.alias.get(v, v) for k, v in names.items()}
 
-    def context(exprs: list[Node], own: tuple[str, ...] = ()) -> list[str]:
-        need = _needs(exprs, names, params) - set(own)
-        return [a for a in order if a in need]
+    def assigns(self, lines) -> list[tuple[str, str]]:
+        return [(n, self.text(e)) for n, e in lines]
 
-    passes = []
-    for i, p in enumerate(plan.passes, 1):
-        r = _render_pass(i, p, tile_names, exp)
-        own = tuple(s.name for s in p.states) + tuple(f"{m.name}_ref" for m in p.maxes)
-        r["context"] = context([plan.score] + ([plan.mask] if plan.mask is not None else [])
-                               + [s.value for s in p.states], own)
-        passes.append(r)
-    ep_names = dict(names)
-    epilogue = linearize(list(plan.epilogue), TARGET, ep_names, "e")
-    results = {n: ep_names[e] for n, e in plan.epilogue}
-    states = [s.name for p in plan.passes for s in p.states]
-    epilogue_context = context([e for _, e in plan.epilogue], tuple(states))
-    one = plan.passes[-1]
-    split = len(plan.passes) == 1
-    merge = None
-    if split:
+    def exp(self, n: Node) -> Node:
+        """An exp of base-2 values (the base2 pass's running maxima) as exp2."""
+        return (exp2_of(n, self.scaled) or n) if self.exp_base2 else n
+
+    def _param_args(self) -> list[tuple[str, str]]:
+        """(kernel argument, launcher expression) for every param: pointer, strides, free dims' sizes."""
+        args, free_done = [], set()
+        for p in self.plan.params:
+            args.append((f"p_{p.name}", f"p_{p.name}"))
+            args += [(f"stride_{p.name}_{d}", f"p_{p.name}.stride({d})") for d in range(len(p.dims))]
+            for d, dim in enumerate(p.dims):
+                if isinstance(dim, str) and dim not in SIZE_VARS and dim not in free_done:
+                    free_done.add(dim)
+                    args.append((f"size_{dim}", f"p_{p.name}.shape[{d}]"))
+        for name in self.grad_params():
+            p = next(x for x in self.plan.params if x.name == name)
+            args.append((f"grad_{name}", f"grad_{name}"))
+            args += [(f"gstride_{name}_{d}", f"grad_{name}.stride({d})") for d in range(len(p.dims))]
+        return args
+
+    def grad_params(self) -> list[str]:
+        out = []
+        for g in [g for p in self.plan.passes for g in p.grads] + list(self.plan.row_grads):
+            if g.param not in out:
+                out.append(g.param)
+        return out
+
+    # -- strides and offsets of the kernel's tensors --
+    @staticmethod
+    def strides(name: str, rank: str) -> list[str]:
+        return [f"stride_{name}z", f"stride_{name}h", f"stride_{name}{rank}", f"stride_{name}k"]
+
+    def head_of(self, x) -> str:
+        """The head a tensor is read at: kv tensors at the kv head, the rest at the query head."""
+        return "off_hkv" if x.role in ("k", "v") else "off_h"
+
+    def load_line(self, x, at: str, transposed: bool) -> str:
+        """A matrix tile of input x: rows from x's rank, columns its head dim (transposed: [dim, rows])."""
+        rows = "offs_m" if x.rank == "m" else "offs_n"
+        lim = "N_Q" if x.rank == "m" else "N_KV"
+        offs_w, _, width = WIDTH[x.width]
+        sz, sh, sr, sk = self.strides(x.name, x.rank)
+        base = f"{pointer(x.name)} + {x.name}_offset" if at == "program" else pointer(x.name)
+        if transposed:
+            ptrs = f"{rows}[None, :] * {sr} + {offs_w}[:, None] * {sk}"
+            mask = f"({rows}[None, :] < {lim}) & ({offs_w}[:, None] < {width})"
+        else:
+            ptrs = f"{rows}[:, None] * {sr} + {offs_w}[None, :] * {sk}"
+            mask = f"({rows}[:, None] < {lim}) & ({offs_w}[None, :] < {width})"
+        cast = "tl.float32" if x.role == "saved" else "DOT_DTYPE"
+        return f"{x.name} = tl.load({base} + {ptrs}, mask={mask}, other=0.0).to({cast})"
+
+    def row_load_line(self, x, at: str) -> str:
+        """A per-query-row vector: [BLOCK_M, 1] in a kernel over query tiles, [1, BLOCK_M] over key tiles."""
+        shape = "[:, None]" if self.par == "m" else "[None, :]"
+        base = f"{pointer(x.name)} + row_offset"
+        other = "0" if x.dtype == E.INT else "0.0"
+        return (f"{x.name} = tl.load({base} + offs_m{shape}, mask=offs_m{shape} < N_Q, other={other})")
+
+    # -- the passes --
+    def used_as(self, name: str, p) -> tuple[bool, bool]:
+        """(as the second factor of a tile product, as the operand of a state's product) in pass p."""
+        return any(d.b == name for d in p.dots), any(s.operand == name for s in p.states)
+
+    def pass_values(self, i: int, p) -> dict:
+        plan, par = self.plan, self.par
+        lp = self.loop
+        start, offs, block = ("start_n", "offs_n", "BLOCK_N") if lp == "n" else ("start_m", "offs_m", "BLOCK_M")
+        header = [f"{start} = tl.multiple_of(tl.load(tiles + i) * {block}, {block})",
+                  f"{offs} = {start} + tl.arange(0, {block})"]
+        step_loads = []
+        transposed: dict[str, bool] = {}
+        for x in plan.loads:
+            if x.at != "step":
+                continue
+            if x.width is None:
+                if any(x.name in _reads(e) for e in p.exprs()):
+                    step_loads.append(self.row_load_line(x, "step"))
+                continue
+            as_b, as_operand = self.used_as(x.name, p)
+            if not (as_b or as_operand):
+                continue
+            transposed[x.name] = as_b and not as_operand
+            step_loads.append(self.load_line(x, "step", transposed[x.name]))
+        dots = []
+        for d in p.dots:
+            b = d.b if transposed.get(d.b, True) else f"tl.trans({d.b})"
+            scale = " * qk_scale" if d.scaled else ""
+            dots.append((f"compute {d.name}", d.name,
+                         f"tl.dot({d.a}, {b}, input_precision=INPUT_PRECISION){scale}"))
+        score_lines = []
+        if plan.score is not None:
+            score_lines = self.assigns(self.lines["score"][0])
+        idx = INDEX_VARS[par]
+        bounds = f"({idx['kv_idx']} < N_KV)" if lp == "n" else f"({idx['q_idx']} < N_Q)"
+        mask_lines = []
+        if plan.mask is not None:                          # keep = keep & <mask>
+            mlines, mnames = self.lines["mask"]
+            mask_lines = [(n, f"keep & ({self.text(e)})" if n == "keep" else self.text(e)) for n, e in mlines]
+            if mnames["keep"] != "keep":
+                mask_lines.append(("keep", f"keep & {mnames['keep']}"))
+        # -- maxima --
+        max_lines, max_names = self.names((i, "max"))
+        updates_max = []
+        for s in p.states:
+            v = max_names.get(f"{s.name}_tile")
+            if s.kind == "max":
+                new = s.name.replace("m_i", "m_ij") if s.name.startswith("m_i") else f"{s.name}_new"
+                updates_max.append(f"{new} = tl.maximum({s.name}, tl.max(tl.where(keep, {v}, {NEG_INF}), 1, "
+                                   f"keep_dims=True))")
+                updates_max.append(f"{s.name}_ref = tl.where({new} == {NEG_INF}, 0.0, {new})  "
+                                   f"# a row with nothing kept yet")
+            elif s.kind == "argmax":
+                updates_max += [f"{s.name}_tile = tl.where(keep, {v}, {NEG_INF})",
+                                f"{s.name}_val = tl.max({s.name}_tile, 1, keep_dims=True)",
+                                f"{s.name}_at = tl.argmax({s.name}_tile, 1, keep_dims=True) + start_n",
+                                f"{s.name}_better = {s.name}_val > {s.name}_max  # the first key holding the max wins",
+                                f"{s.name}_max = tl.where({s.name}_better, {s.name}_val, {s.name}_max)",
+                                f"{s.name} = tl.where({s.name}_better, {s.name}_at, {s.name})"]
+        alphas = []
+        for a, m, c in p.alphas():
+            diff = value(m) - value(f"{m}_ref")
+            alphas.append((a, self.text(self.exp(E.make(Op.EXP, diff if c == 1 else E.const(c) * diff)))))
+        val_lines, val_names = self.names((i, "values"))
+        value_lines = self.assigns(val_lines)
+        alpha_of = {(m, c): a for a, m, c in p.alphas()}
+        updates = []
+        dot = next((s for s in p.states if s.kind == "dot" and s.operand == "v"), None)
+        pre, sums, products = [], [], []
+        if dot is not None:             # the weights p, masked once: P V and the row sums of P read them
+            v = val_names["p" if "p" not in dict(p.defs) else f"{dot.name}_tile"]
+            if not (v == "p" and self._masked_def(dot.value, p)):
+                pre.append(f"p = {v if self._masked_def(dot.value, p) else f'tl.where(keep, {v}, 0.0)'}")
+        for s in p.states:
+            if s.kind != "sum":
+                continue
+            v = val_names[f"{s.name}_tile"]
+            tile = "p" if dot is not None and s.value == dot.value else f"tl.where(keep, {v}, 0.0)"
+            scaled = " * ".join([s.name] + [alpha_of[r] for r in s.rescale])
+            sums.append(f"{s.name} = {scaled} + tl.sum({tile}, 1, keep_dims=True)")
+        for s in p.states:
+            if s.kind != "dot":
+                continue
+            if s is dot:
+                w = "p"
+            else:
+                v = val_names[f"{s.name}_tile"]
+                w = v if self._masked_def(s.value, p) else f"tl.where(keep, {v}, 0.0)"
+            operand = s.operand if not transposed.get(s.operand, False) else f"tl.trans({s.operand})"
+            alpha = " * ".join(alpha_of[r] for r in s.rescale)
+            if alpha:
+                products.append(f"{s.name} = {s.name} * {alpha}")
+            products.append(f"{s.name} = tl.dot({w}.to(DOT_DTYPE), {operand}, {s.name}, "
+                            f"input_precision=INPUT_PRECISION)")
+        if pre or sums:
+            updates.append(("update the running sums", pre + sums))
+        if products:
+            updates.append(("update " + ", ".join(s.name for s in p.states if s.kind == "dot"), products))
+        grads = []
+        for j, g in enumerate(p.grads):
+            grads += self.grad_lines(g, val_names[f"g{j}_{g.param}"],
+                                     [val_names[f"g{j}_{g.param}_i{a}"] for a in range(len(g.index))], "keep",
+                                     self._masked_def(g.value, p))
+        if grads:
+            updates.append(("add the params' gradients", grads))
+        finals = [f"{s.name} = {s.name.replace('m_i', 'm_ij') if s.name.startswith('m_i') else s.name + '_new'}"
+                  for s in p.maxes]
+        if finals:
+            updates.append(("the new maxima", finals))
+        states = [s.name for s in p.states] + [f"{s.name}_max" for s in p.states if s.kind == "argmax"]
+        out = {"number": i, "header": header, "step_loads": step_loads, "dots": dots, "score_lines": score_lines,
+               "bounds": bounds, "mask_lines": mask_lines, "max_lines": self.assigns(max_lines),
+               "updates_max": updates_max, "alphas": alphas, "value_lines": value_lines, "updates": updates,
+               "states": states,
+               "values_comment": "weights" if plan.kind == "forward" else "per-pair values"}
+        out["args"] = self.pass_args(out, p, states)
+        out["inits"] = self.inits(p)
+        out["calls"] = self.calls(out, p, states)
+        return out
+
+    @staticmethod
+    def _masked_def(v: Node, p) -> bool:
+        defs = dict(p.defs)
+        if v.op is not Op.TENSOR or v.arg not in defs:
+            return False
+        e = defs[v.arg]
+        return e.op is Op.WHERE and e.src[0] == value("keep", E.BOOL) and e.src[2].op is Op.CONST and e.src[2].arg == 0
+
+    def grad_lines(self, g, v: str, index: list[str], keep: str, masked: bool) -> list[str]:
+        """grad[index] += v: atomics, after summing the pairs that share an entry (axes the index ignores)."""
+        free = set().union(*(E.free_indices(i) for i in g.index)) if g.index else set()
+        row_ix, col_ix = ("q_idx", "kv_idx") if self.par == "m" else ("kv_idx", "q_idx")
+        w = v if masked else f"tl.where({keep}, {v}, 0.0)"
+        offset = " + ".join(f"({i}) * gstride_{g.param}_{d}" for d, i in enumerate(index)) or "0"
+        ptr = f"grad_{g.param} + {offset}"
+        if keep == "keep" and not (free & {row_ix, col_ix}):
+            return [f"tl.atomic_add({ptr}, tl.sum(tl.sum({w}, 1), 0))"]
+        if keep == "keep" and free & {row_ix} and not free & {col_ix}:
+            rows = "offs_m[:, None] < N_Q" if self.par == "m" else "offs_n[:, None] < N_KV"
+            return [f"tl.atomic_add({ptr}, tl.sum({w}, 1, keep_dims=True), mask={rows})"]
+        if keep == "keep" and free & {col_ix} and not free & {row_ix}:
+            cols = "offs_n[None, :] < N_KV" if self.par == "m" else "offs_m[None, :] < N_Q"
+            return [f"tl.atomic_add({ptr}, tl.sum({w}, 0, keep_dims=True), mask={cols})"]
+        if keep == "keep":
+            return [f"tl.atomic_add({ptr}, {w}, mask={keep})"]
+        # a row-level value after the passes: rows that exist, summed unless the index reads the row
+        rows = "offs_m[:, None] < N_Q"
+        w = f"tl.where({rows}, {v}, 0.0)"
+        if "q_idx" in free:
+            return [f"tl.atomic_add({ptr}, {w}, mask={rows})"]
+        return [f"tl.atomic_add({ptr}, tl.sum(tl.sum({w}, 1), 0))"]
+
+    def inits(self, p) -> list[str]:
+        out = []
+        rows = "BLOCK_M" if self.par == "m" else "BLOCK_N"
+        for s in p.states:
+            if s.kind == "dot":
+                out.append(f"{s.name} = tl.zeros([{rows}, {WIDTH[s.width][1]}], dtype=tl.float32)")
+            elif s.kind == "argmax":
+                out.append(f"{s.name}_max = tl.full([{rows}, 1], {NEG_INF}, dtype=tl.float32)")
+                out.append(f"{s.name} = tl.zeros([{rows}, 1], dtype=tl.int32)")
+            else:
+                fill = NEG_INF if s.kind == "max" else "0.0"
+                out.append(f"{s.name} = tl.full([{rows}, 1], {fill}, dtype=tl.float32)")
+        return out
+
+    def pass_args(self, r: dict, p, states: list[str]) -> list[str]:
+        """What the pass's helper reads besides its constexprs: every name its lines use that it does not
+        define, in one order (states first, then tiles, tensors, offsets, sizes, params)."""
+        body = "\n".join(r["header"] + r["step_loads"] + [e for _, _, e in r["dots"]] + [e for _, e in r["score_lines"]]
+                         + [r["bounds"]] + [e for _, e in r["mask_lines"]] + [e for _, e in r["max_lines"]]
+                         + r["updates_max"] + [e for _, e in r["alphas"]] + [e for _, e in r["value_lines"]]
+                         + [line for _, lines in r["updates"] for line in lines])
+        defined = set(states) | {n for _, n, _ in r["dots"]} | {n for n, _ in r["score_lines"]} | {
+            n for n, _ in r["mask_lines"]} | {n for n, _ in r["max_lines"]} | {n for n, _ in r["alphas"]} | {
+            n for n, _ in r["value_lines"]} | {"keep", "i", "start_n", "start_m"}
+        defined |= {line.split(" = ")[0] for line in r["step_loads"] + r["updates_max"] + r["header"]}
+        earlier = [st.name for q in self.plan.passes[:self.plan.passes.index(p)] for st in q.states]
+        candidates = (states + earlier + [x.name for x in self.plan.loads if x.at == "program"] +
+                      [x for x in self.program_values()] +
+                      [pointer(x.name) for x in self.plan.loads if x.at == "step"] +
+                      [s for x in self.matrix_loads if x.at == "step" for s in self.strides(x.name, x.rank)[2:]] +
+                      ["row_offset", "qk_scale", "off_b", "off_h", "off_hkv", "offs_m", "offs_n", "offs_d", "offs_dv",
+                       "B", "H", "HKV", "N_Q", "N_KV", "HEAD_DIM", "HEAD_DIM_V"] + [a for a, _ in self.param_args])
+        used = set(re.findall(r"[A-Za-z_]\w*", body))
+        args = [c for c in dict.fromkeys(candidates) if c in used and (c in states or c not in defined)]
+        return args + ["tiles", "lo", "hi"]
+
+    def program_values(self) -> list[str]:
+        """Names the program computes before its passes: hoisted reads, row values, Δ."""
+        return [n for n, _ in self.lines["prologue"][0]] + [n for n, _, _ in self.plan.rowdots] + [
+            n for p in self.plan.passes for n, _ in self.lines[(self.plan.passes.index(p) + 1, "after")][0]]
+
+    def calls(self, r: dict, p, states: list[str]) -> list[str]:
+        """The kernel's calls of the pass helper: partial tiles (mask evaluated) then full ones."""
+        args = []
+        for a in r["args"][:-3]:
+            if a in [pointer(x.name) for x in self.matrix_loads if x.at == "step"]:
+                x = next(x for x in self.matrix_loads if pointer(x.name) == a)
+                args.append(f"{a} + {x.name}_offset")
+            else:
+                args.append(a)
+        targets = ", ".join(states)
+        const = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DMODEL=BLOCK_DMODEL, BLOCK_DV=BLOCK_DV, " \
+                "DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
+        out = []
+        for full, lst, lo, hi in ((False, "IDX", "lo", "hi"), (True, "FULL_IDX", "full_lo", "full_hi")):
+            if not full and self.plan.mask is None:
+                continue
+            stride = "stride_idx" if not full else "stride_full_idx"
+            call = (f"{targets} = _{self.plan.name}_pass{r['number']}(" + ", ".join(args) +
+                    f", {lst} + start * {stride}, {lo}, {hi}, IS_FULL={full}, {const})")
+            out.append(call)
+        if self.par == "n":        # every query head of the kv head, each with its own rows
+            body = ["off_h = off_hkv * (H // HKV) + g", "row_offset = (off_b * H + off_h).to(tl.int64) * N_Q"]
+            body += [f"{x.name}_offset = off_b.to(tl.int64) * {self.strides(x.name, x.rank)[0]} + "
+                     f"off_h.to(tl.int64) * {self.strides(x.name, x.rank)[1]}"
+                     for x in self.matrix_loads if x.at == "step"]
+            out = ["for g in range(H // HKV):"] + ["    " + line for line in body + out]
+        return out
+
+    # -- the kernel --
+    def kernel_args(self) -> list[str]:
+        plan = self.plan
+        args = []
+        for x in plan.loads:
+            args.append(pointer(x.name))
+            if x.width is not None:
+                args += self.strides(x.name, x.rank)
+        for s in plan.stores:
+            args.append(pointer(s.target))
+            if s.width is not None:
+                args += self.strides(s.target, self.par)
+        args += ["sm_scale", "NUM_BLKS", "IDX", "FULL_NUM_BLKS", "FULL_IDX", "stride_idx", "stride_full_idx"]
+        args += [f"ws_{s}" for s in self.split_states()]
+        args += [a for a, _ in self.param_args]
+        args += ["B", "H", "HKV", "N_Q", "N_KV", "HEAD_DIM", "HEAD_DIM_V", "N_SPLITS"]
+        return args
+
+    def splittable(self) -> bool:
+        return self.plan.kind == "forward" and len(self.plan.passes) == 1 and not self.grad_params()
+
+    def split_states(self) -> list[str]:
+        return [s.name for s in self.plan.passes[-1].states] if self.splittable() else []
+
+    def program_lines(self) -> list[str]:
+        plan = self.plan
+        if self.par == "m":
+            lines = ["start_m = tl.program_id(0)", "off_hz = tl.program_id(1)", "split = tl.program_id(2)",
+                     "off_b = off_hz // H", "off_h = off_hz % H",
+                     "off_hkv = off_h // (H // HKV)  # grouped-query attention: H // HKV query heads share a kv head",
+                     "start = start_m", "offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+                     "row_offset = off_hz.to(tl.int64) * N_Q"]
+        else:
+            lines = ["start_n = tl.program_id(0)", "off_bkv = tl.program_id(1)", "split = tl.program_id(2)",
+                     "off_b = off_bkv // HKV", "off_hkv = off_bkv % HKV", "start = start_n",
+                     "offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)"]
+        lines += ["offs_d = tl.arange(0, BLOCK_DMODEL)", "offs_dv = tl.arange(0, BLOCK_DV)"]
+        lines.append("qk_scale = sm_scale * LOG2E  # log2(e) folded in: qk and its running maxima are in base 2"
+                     if plan.base2 else "qk_scale = sm_scale")
+        for x in self.matrix_loads:
+            head = self.head_of(x)
+            sz, sh = self.strides(x.name, x.rank)[:2]
+            if x.at == "program":
+                lines.append(f"{x.name}_offset = off_b.to(tl.int64) * {sz} + {head}.to(tl.int64) * {sh}")
+                lines.append(self.load_line(x, "program", False))
+            elif self.par == "m":
+                lines.append(f"{x.name}_offset = off_b.to(tl.int64) * {sz} + {head}.to(tl.int64) * {sh}")
+        for x in self.row_loads:
+            if x.at == "program":
+                lines.append(self.row_load_line(x, "program"))
+        for n, a, b in plan.rowdots:
+            lines.append(f"{n} = tl.sum({a}.to(tl.float32) * {b}.to(tl.float32), 1, keep_dims=True)  # rowsum({a} * {b})")
+        lines += [f"{n} = {e}" for n, e in self.assigns(self.lines["prologue"][0])]
+        if self.par == "m":
+            lines += ["# this program's share of the tile's sweep: all of it unless split-KV",
+                      "num = tl.load(NUM_BLKS + start_m)",
+                      "lo, hi = num * split // N_SPLITS, num * (split + 1) // N_SPLITS",
+                      "full_num = tl.load(FULL_NUM_BLKS + start_m)",
+                      "full_lo, full_hi = full_num * split // N_SPLITS, full_num * (split + 1) // N_SPLITS"]
+        else:
+            lines += ["lo, hi = 0, tl.load(NUM_BLKS + start_n)", "full_lo, full_hi = 0, tl.load(FULL_NUM_BLKS + start_n)"]
+        return lines
+
+    def store_lines(self) -> list[str]:
+        plan = self.plan
+        ep_lines, names = self.names("epilogue")
+        out = []
+        rows = "offs_m" if self.par == "m" else "offs_n"
+        lim = "N_Q" if self.par == "m" else "N_KV"
+        head = "off_h" if self.par == "m" else "off_hkv"
+        for s in plan.stores:
+            v = names[f"store_{s.target}"]
+            if s.scaled:
+                v = f"{v} * sm_scale"
+            ptr = pointer(s.target)
+            if s.width is None:
+                cast = ".to(tl.int32)" if s.target.startswith("A_") else ""
+                out.append(f"tl.store({ptr} + row_offset + offs_m[:, None], {v}{cast}, mask=offs_m[:, None] < N_Q)")
+                continue
+            offs_w, _, width = WIDTH[s.width]
+            sz, sh, sr, sk = self.strides(s.target, self.par)
+            out.append(f"{s.target}_offset = off_b.to(tl.int64) * {sz} + {head}.to(tl.int64) * {sh}")
+            out.append(f"tl.store({ptr} + {s.target}_offset + {rows}[:, None] * {sr} + {offs_w}[None, :] * {sk}, "
+                       f"({v}).to({ptr}.dtype.element_ty), mask=({rows}[:, None] < {lim}) & ({offs_w}[None, :] < {width}))")
+        for j, g in enumerate(plan.row_grads):
+            out += self.grad_lines(g, names[f"g{j}_{g.param}"], [names[f"g{j}_{g.param}_i{a}"]
+                                                                   for a in range(len(g.index))], "rows", False)
+        return out
+
+    def split_lines(self) -> list[str]:
+        out = ["row = (split.to(tl.int64) * tl.num_programs(1) + off_hz) * N_Q + offs_m[:, None]"]
+        for s in self.plan.passes[-1].states:
+            if s.kind == "dot":
+                out.append(f"tl.store(ws_{s.name} + row * HEAD_DIM_V + offs_dv[None, :], {s.name}, "
+                           f"mask=(offs_m[:, None] < N_Q) & (offs_dv[None, :] < HEAD_DIM_V))")
+            else:
+                out.append(f"tl.store(ws_{s.name} + row, {s.name}, mask=offs_m[:, None] < N_Q)")
+        return out
+
+    def merge(self) -> dict | None:
+        if not self.splittable():
+            return None
+        one = self.plan.passes[-1]
         alpha_of = {(m, c): a for a, m, c in one.alphas()}
-        merge = {
-            "hoisted": [(h, e) for h, e in hoisted if h in epilogue_context],
-            "maxes": [s.name for s in one.maxes],
-            "alphas": [(a, TARGET.text(exp(_alpha(m, c, f"{m}_part")))) for a, m, c in one.alphas()],
-            "sums": [{"name": s.name, "dot": s.kind == "dot", "alpha": " * ".join(alpha_of[r] for r in s.rescale)}
-                     for s in one.sums],
-        }
+        alphas = []
+        for a, m, c in one.alphas():
+            diff = value(f"{m}_part") - value(f"{m}_ref")        # a split's sums were kept against its own max
+            alphas.append((a, self.text(self.exp(E.make(Op.EXP, diff if c == 1 else E.const(c) * diff)))))
+        # the merge needs what the epilogue reads: hoisted values and the program's row values
+        ep = "\n".join(self.store_lines() + [e for _, e in self.assigns(self.lines["epilogue"][0])])
+        setup = [f"{n} = {e}" for n, e in self.assigns(self.lines["prologue"][0])
+                 if re.search(rf"\b{n}\b", ep)]
+        setup.append("row_offset = off_hz.to(tl.int64) * N_Q")
+        args = [f"ws_{s.name}" for s in one.states]
+        args += [pointer(s.target) for s in self.plan.stores]
+        args += [a for s in self.plan.stores if s.width is not None for a in self.strides(s.target, "m")]
+        args += [a for a, _ in self.param_args] + ["B", "H", "HKV", "N_Q", "N_KV", "HEAD_DIM", "HEAD_DIM_V", "N_SPLITS"]
+        return {"args": args, "setup": setup, "maxes": [s.name for s in one.maxes], "alphas": alphas,
+                "sums": [{"name": s.name, "dot": s.kind == "dot", "alpha": " * ".join(alpha_of[r] for r in s.rescale)}
+                         for s in one.sums]}
+
+    def launcher(self) -> dict:
+        plan = self.plan
+        names = []
+        for x in plan.loads:
+            if x.name not in names:
+                names.append(x.name)
+        args = names + ["sm_scale", "blocks", "BLOCK_M", "BLOCK_N", "N_SPLITS", "DOT_DTYPE", "DTYPE", "sizes"]
+        args += [f"p_{p.name}" for p in plan.params]
+        setup = ["B, H, HKV, N_Q, N_KV = (sizes[k] for k in ('B', 'H', 'HKV', 'Q', 'KV'))",
+                 "HEAD_DIM, HEAD_DIM_V = sizes['D'], sizes['Dv']",
+                 "NUM_BLKS, IDX, FULL_NUM_BLKS, FULL_IDX = blocks",
+                 f"device = {names[0]}.device"]
+        for x in self.row_loads:
+            setup.append(f"{x.name} = {x.name}.contiguous()")
+        returns = []
+        for s in plan.stores:
+            if s.width is None:
+                dtype = "torch.int32" if s.target.startswith("A_") else "torch.float32"
+                setup.append(f"{s.target} = torch.empty((B, H, N_Q), dtype={dtype}, device=device)")
+            else:
+                w = "HEAD_DIM" if s.width == "e" else "HEAD_DIM_V"
+                shape = f"(B, H, N_Q, {w})" if self.par == "m" else f"(B, HKV, N_KV, {w})"
+                setup.append(f"{s.target} = torch.empty({shape}, dtype=DTYPE, device=device)")
+            returns.append(s.target)
+        for name in self.grad_params():
+            setup.append(f"grad_{name} = torch.zeros(p_{name}.shape, dtype=torch.float32, device=device)")
+            returns.append(f"grad_{name}")
+        setup += ["BLOCK_DMODEL = max(16, triton.next_power_of_2(HEAD_DIM))  # padded head dims, masked on the d axis",
+                  "BLOCK_DV = max(16, triton.next_power_of_2(HEAD_DIM_V))",
+                  "INPUT_PRECISION = \"tf32\" if DTYPE == torch.float32 and torch.backends.cuda.matmul.allow_tf32 "
+                  "else \"ieee\"",
+                  "SPLIT_KV = N_SPLITS > 1"]
+        for s in self.split_states():
+            dot = next(x for x in plan.passes[-1].states if x.name == s).kind == "dot"
+            setup.append(f"ws_{s} = torch.empty((N_SPLITS, B * H, N_Q{', HEAD_DIM_V' if dot else ''}), "
+                         f"dtype=torch.float32, device=device) if SPLIT_KV else None")
+        if self.par == "m":
+            setup.append("grid = (triton.cdiv(N_Q, BLOCK_M), B * H, N_SPLITS)")
+        else:
+            setup.append("grid = (triton.cdiv(N_KV, BLOCK_N), B * HKV, 1)")
+        call = []
+        for x in plan.loads:
+            call.append(x.name)
+            if x.width is not None:
+                call.append(f"*{x.name}.stride()")
+        for s in plan.stores:
+            call.append(s.target)
+            if s.width is not None:
+                call.append(f"*{s.target}.stride()")
+        call += ["sm_scale", "NUM_BLKS", "IDX", "FULL_NUM_BLKS", "FULL_IDX", "IDX.stride(0)", "FULL_IDX.stride(0)"]
+        call += [f"ws_{s}" for s in self.split_states()]
+        call += [e for _, e in self.param_args]
+        call += ["B", "H", "HKV", "N_Q", "N_KV", "HEAD_DIM", "HEAD_DIM_V", "N_SPLITS"]
+        merge_call = [f"ws_{s}" for s in self.split_states()]
+        merge_call += [s.target for s in plan.stores]
+        merge_call += [f"*{s.target}.stride()" for s in plan.stores if s.width is not None]
+        merge_call += [e for _, e in self.param_args] + ["B", "H", "HKV", "N_Q", "N_KV", "HEAD_DIM", "HEAD_DIM_V",
+                                                         "N_SPLITS"]
+        doc = ", ".join(f"{x.name} {'[B, H, N_Q, D]' if x.rank == 'm' and x.width else '[B, H, N_Q]' if x.width is None else '[B, HKV, N_KV, D]'}"
+                        for x in plan.loads) + " -> " + ", ".join(returns)
+        return {"args": args, "setup": setup, "kernel_call": call, "merge_call": merge_call, "returns": returns,
+                "doc": doc}
+
+
+def render(plan: KernelPlan) -> str:
+    r = _Render(plan)
+    passes = [r.pass_values(i, p) for i, p in enumerate(plan.passes, 1)]
+    words = ("query tiles", "key tiles") if plan.parallel == "m" else ("key tiles", "query tiles")
     v = plan.variant
     return render_template(
-        "triton/forward.py.j2", kernel_name=plan.name, variant=v.name, source=v.file, notes=list(plan.notes),
-        pass_count=plan.pass_count, params=[p.name for p in plan.params], param_args=param_args,
-        qk_scale="sm_scale * LOG2E  # log2(e) folded in: qk and its running maxima are in base 2" if folded
-        else "sm_scale", hoisted=hoisted, score_lines=score_lines, mask_lines=mask_lines, has_mask=bool(mask_lines),
-        passes=passes, states=states, epilogue=epilogue, epilogue_context=epilogue_context,
-        out_value=results["out"], lse_value=results.get("lse", ""), has_lse=plan.has_lse,
-        splittable=split, merge=merge,
-        split_states=[{"name": s.name, "dot": s.kind == "dot"} for s in one.states] if split else [])
+        "triton/kernel.py.j2", kernel_name=plan.name, kind=plan.kind, variant=v.name,
+        source=ascii(v.file)[1:-1], notes=[ascii(n)[1:-1] for n in plan.notes], pass_count=plan.pass_count,
+        parallel_words=words, passes=passes, kernel_args=r.kernel_args(),
+        autotune_key='["N_Q", "N_KV", "HEAD_DIM"]', program_lines=r.program_lines(),
+        epilogue_lines=[f"{n} = {e}" for n, e in r.assigns(r.lines["epilogue"][0])], store_lines=r.store_lines(),
+        splittable=r.splittable(), split_lines=r.split_lines() if r.splittable() else [], merge=r.merge(),
+        launcher=r.launcher())
 
 
-# -- launching --
-def interpreting() -> bool:
-    """TRITON_INTERPRET=1: triton runs kernels in numpy on CPU tensors (how the tests run without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+def load_kernel(source: str, name: str, path):
+    """The generated module's launcher, with the module executed once per mode."""
+    from attnc.backends.triton_launch import load_module
+    return load_module(source, name)[name]
 
 
-def autotune_configs() -> list:
-    """Launch configurations tried per (N_Q, N_KV, HEAD_DIM); one under the interpreter, where tuning is moot."""
-    import triton
-    if interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    block_m: int
-    block_n: int
-    n_splits: int
-    blocks: tuple           # block_lists() for these block sizes
-    dot_dtype: object       # what tl.dot multiplies
-
-
-def block_sizes(sizes: dict, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) from the head dims and the mode: small tiles under the interpreter."""
-    if interpreting():
-        return (16 if sizes["Q"] <= 16 else 32), 32
-    wide = max(sizes["D"], sizes.get("Dv", sizes["D"])) * (2 if dtype == torch.float32 else 1)
-    bm, bn = (128, 64) if wide <= 128 else (64, 64) if wide <= 256 else (64, 32)
-    return (16 if sizes["Q"] <= 16 else bm), bn
-
-
-def split_count(plan: KernelPlan, sizes: dict, block_m: int, row_tiles: int, device: torch.device) -> int:
-    """Programs per (query tile, b, h): more than one only for single-pass decoding (few queries, many keys)."""
-    if len(plan.passes) != 1 or sizes["Q"] > SPLIT_MAX_Q or sizes["KV"] < SPLIT_MIN_KV:
-        return 1
-    programs = -(-sizes["Q"] // block_m) * sizes["B"] * sizes["H"]
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(-(-target // programs), row_tiles, MAX_SPLITS))
-
-
-def dot_dtype(dtype: torch.dtype):
-    """tl.dot's operand type: the input's, but float32 for float64 inputs and for bfloat16 under the
-    interpreter (whose tl.dot multiplies bfloat16 bit patterns as integers)."""
-    import triton.language as tl
-    if dtype == torch.float16:
-        return tl.float16
-    if dtype == torch.bfloat16 and not interpreting():
-        return tl.bfloat16
-    return tl.float32
-
-
-def block_lists(cls: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
-    """(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX): per query tile, the partial key tiles and the
-    full ones, as counts and index rows (FlexAttention's BlockMask layout). Empty tiles appear in neither."""
-    out = []
-    for kind in (PARTIAL, FULL):
-        hit = cls == kind
-        num = hit.sum(1, dtype=torch.int32)
-        order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)    # this kind's tiles first, in order
-        width = max(int(num.max()) if num.numel() else 0, 1)
-        out += [num.to(device), order[:, :width].to(torch.int32).contiguous().to(device)]
-    return tuple(out)
-
-
-def launch_config(compiled, plan: KernelPlan, q, v, params: dict, sizes: dict) -> LaunchConfig:
-    """Block sizes, split count and block-sparse tile lists for one call; lists cached unless params shape them."""
-    dims = dict(sizes, Dv=v.shape[-1])
-    bm, bn = block_sizes(dims, q.dtype)
-    key = ("triton", bm, bn, tuple(sorted(sizes.items())), str(q.device))
-    hit = None if plan.sparsity.params else compiled._tiles.get(key)
-    if hit is None:        # classified on the host: per-block min/max of the params the mask reads
-        cls = plan.sparsity.classify(sizes, {n: params[n].cpu() for n in plan.sparsity.params}, bm, bn)
-        row_tiles = int((cls != 0).sum(1).max()) if cls.numel() else 1
-        hit = (block_lists(cls, q.device), row_tiles)
-        if not plan.sparsity.params:
-            compiled._tiles[key] = hit
-    blocks, row_tiles = hit
-    return LaunchConfig(bm, bn, split_count(plan, dims, bm, row_tiles, q.device), blocks, dot_dtype(q.dtype))
-
-
-_MODULES: dict[tuple[str, bool], dict] = {}
-
-
-def load_module(source: str, name: str) -> dict:
-    """Execute generated source once per mode (triton.jit decides at decoration whether to interpret);
-    its text is registered with linecache, where triton.jit reads it."""
-    key = (source, interpreting())
-    if key not in _MODULES:
-        import triton
-        filename = f"<attnc-triton {name} {abs(hash(source)):x}>"
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        scope: dict = {"__name__": f"attnc_generated.{name}", "CONFIGS": autotune_configs()}
-        exec(compile(source, filename, "exec"), scope)    # attnc's own output: spec text only as printed names
-        _MODULES[key] = scope
-    return _MODULES[key]
-
-
-def launch(compiled, plan: KernelPlan, q, k, v, scale: float, params: dict, sizes: dict, return_lse: bool):
-    if not q.is_cuda and not interpreting():
-        raise CallError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-                        f"q is on {q.device}")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise CallError("the triton backend needs the triton package: pip install 'attnc[triton]'") from None
-    cfg = launch_config(compiled, plan, q, v, params, sizes)
-    run = load_module(compiled.source("triton", return_lse), plan.name)[plan.name]
-    args = (q, k, v, scale, cfg.blocks, cfg.block_m, cfg.block_n, cfg.n_splits, cfg.dot_dtype,
-            *[params[p.name] for p in plan.params])
-    if q.is_cuda:
-        with torch.cuda.device(q.device):
-            return run(*args)
-    import numpy as np
-    with np.errstate(all="ignore"):         # the interpreter runs on numpy: masked lanes may divide by zero
-        return run(*args)
+def launch(compiled, kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:
+    from attnc.backends.triton_launch import launch as run
+    return run(compiled, kernel, tensors, scale, params, sizes)

@@ -11,12 +11,13 @@ IDENTITY = {Op.ROWMAX: E.NEG_INF, Op.ROWSUM: E.ZERO}
 
 
 def lower(v: Variant, lse: bool = False) -> Cascade:
-    stmts = [Einsum("QK", ("b", "h", "m", "n"), E.make(Op.MUL, tensor("Q"), tensor("K")), "+", ("e",))]
-    stmts.append(Einsum("S", ("b", "h", "m", "n"), E.substitute(v.score, {E.SCORE: tensor("QK") * SCALE})))
+    stmts = [Einsum("QK", ("b", "h", "m", "n"), E.make(Op.MUL, tensor("Q"), tensor("K")), "+", ("e",), role="qk")]
+    stmts.append(Einsum("S", ("b", "h", "m", "n"), E.substitute(v.score, {E.SCORE: tensor("QK") * SCALE}),
+                        role="score"))
     s = tensor("S")
     mk = None
     if v.mask is not None:
-        stmts.append(Einsum("MK", ("b", "h", "m", "n"), v.mask))
+        stmts.append(Einsum("MK", ("b", "h", "m", "n"), v.mask, role="mask"))
         mk = tensor("MK", BOOL)
 
     def keep(x: Node, fill: Node) -> Node:
@@ -34,7 +35,7 @@ def lower(v: Variant, lse: bool = False) -> Cascade:
             counts[red] += 1
             name = ("M" if red == "max" else "L") + str(counts[red])
             bodies[key] = name
-            stmts.append(Einsum(name, ("b", "h", "m"), body, red, ("n",)))
+            stmts.append(Einsum(name, ("b", "h", "m"), body, red, ("n",), role="stat"))
         return tensor(bodies[key])
 
     def lower_norm(expr: Node) -> Node:
@@ -44,12 +45,12 @@ def lower(v: Variant, lse: bool = False) -> Cascade:
         return E.substitute(expr, {E.SCORE: s, **stats})
 
     weight = lower_norm(v.norm)
-    stmts.append(Einsum("P", ("b", "h", "m", "n"), keep(weight, E.ZERO)))
-    stmts.append(Einsum("O", ("b", "h", "m", "f"), tensor("P") * tensor("V"), "+", ("n",)))
+    stmts.append(Einsum("P", ("b", "h", "m", "n"), keep(weight, E.ZERO), role="weight"))
+    stmts.append(Einsum("O", ("b", "h", "m", "f"), tensor("P") * tensor("V"), "+", ("n",), role="output"))
     outputs = ("O",)
     if lse:
         m = E.make(Op.ROWMAX, E.SCORE)      # lse = log sum exp(score) over kept keys, stabilized by the row max
         lse_expr = lower_norm(m + E.make(Op.LOG, E.make(Op.ROWSUM, E.make(Op.EXP, E.SCORE - m))))
-        stmts.append(Einsum("LSE", ("b", "h", "m"), lse_expr))
+        stmts.append(Einsum("LSE", ("b", "h", "m"), lse_expr, role="lse"))
         outputs = ("O", "LSE")
     return Cascade(tuple(stmts), outputs, v, {"notes": []})

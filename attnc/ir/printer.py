@@ -33,7 +33,6 @@ IR_TABLE: dict[Op, tuple[str, int]] = {
 }
 
 ARITH = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG}
-RIGHT_STRICT = {Op.SUB, Op.DIV, Op.FLOORDIV, Op.MOD, Op.DIVZ, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
 
 
 def number(v) -> str:
@@ -57,10 +56,12 @@ def ir_load(n: Node, idx: list[str]) -> str:
 def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], str],
            names: dict[Node, str] | None = None,
            load: Callable[[Node, list[str]], str] = ir_load,
-           inplace: dict[Op, tuple[str, int]] | None = None, donated: Node | None = None) -> str:
+           inplace: dict[Op, tuple[str, int]] | None = None, donated: Node | None = None,
+           custom: Callable[[Node, list[str]], tuple[str, int] | None] | None = None) -> str:
     """Infix text for `root`; nodes in `names` print as those names (common subexpressions).
     inplace: formats for ops that may overwrite their first operand: a unary op's fresh temporary, or
-    `donated`, a named value whose one remaining reader is this op."""
+    `donated`, a named value whose one remaining reader is this op. custom: a target's own text for
+    particular nodes (given their operands' texts), or None to use the table."""
     names = names or {}
     inplace = inplace or {}
 
@@ -79,6 +80,8 @@ def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], 
         elif not n.src:
             text = leaf(n)
             out = (text, ATOM if not text.startswith("-") else 12)
+        elif custom is not None and (hit := custom(n, [go(s)[0] for s in n.src])) is not None:
+            out = hit
         else:
             if n.op not in table:
                 raise NotImplementedError(f"this target cannot print {n.op.name}")
@@ -87,7 +90,9 @@ def render(root: Node, table: dict[Op, tuple[str, int]], leaf: Callable[[Node], 
             parts = []
             for i, s in enumerate(n.src):
                 t, p = go(s)
-                if prec < ATOM and (p < prec or (p == prec and i > 0 and n.op in RIGHT_STRICT)
+                # a right operand of equal precedence keeps its parentheses: a * (b // c) is not a * b // c,
+                # and even a + (b + c) rounds differently from (a + b) + c
+                if prec < ATOM and (p < prec or (p == prec and i > 0 and n.op is not Op.NEG)
                                     or (p == prec and i == 0 and n.op is Op.POW) or (p == prec == 4)):
                     t = f"({t})"
                 elif tight and p < tight[0]:       # an operand the format itself puts next to an operator
@@ -116,15 +121,16 @@ def expr_text(n: Node) -> str:
     return render(n, IR_TABLE, ir_leaf)
 
 
-def stmt_text(s: Einsum) -> str:
+def stmt_text(s: Einsum, inputs: dict[str, tuple[str, ...]] | None = None) -> str:
+    """One statement; reads of the cascade's inputs show their ranks (Q[b,h,m,e])."""
     ranks = ",".join(s.ranks)
-    if s.name == "QK":
-        body = "Q[b,h,m,e] * K[b,h,n,e]"
-    elif s.reads() and "V" in s.reads():
-        body = expr_text(s.body).replace("V", "V[b,h,n,f]")
-    else:
-        body = expr_text(s.body)
-    line = f"{s.name}[{ranks}] = {body}"
+    inputs = inputs or {}
+
+    def leaf(n: Node) -> str:
+        if n.op is Op.TENSOR and n.arg in inputs:
+            return f"{n.arg}[{','.join(inputs[n.arg])}]"
+        return ir_leaf(n)
+    line = f"{s.name}[{ranks}] = {render(s.body, IR_TABLE, leaf)}"
     if s.reduce:
         kind = "running " if s.running else ""
         line = f"{line:<56} {kind}reduce {s.reduce} over {','.join(s.over)}"
@@ -136,4 +142,5 @@ def stmt_text(s: Einsum) -> str:
 
 
 def cascade_text(c: Cascade) -> str:
-    return "\n".join(stmt_text(s) for s in c.stmts)
+    inputs = {t.name: t.ranks for t in c.inputs}
+    return "\n".join(stmt_text(s, inputs) for s in c.stmts)

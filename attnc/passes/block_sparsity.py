@@ -76,7 +76,9 @@ class BlockSparsity:
 
 
 def block_sparsity(c: Cascade) -> Cascade:
-    mk = next((s for s in c.stmts if s.name == "MK"), None)
+    """Both views come from one classification: key tiles per query tile are its rows, query tiles per key
+    tile its columns (kernels parallel over key tiles read it transposed)."""
+    mk = c.role("mask")
     mask = mk.body if mk is not None else None
     exact = mask is not None and all(n.op in _AFFINE and (n.op is not Op.MUL or any(
         s.op is Op.CONST for s in n.src)) for n in mask.walk())

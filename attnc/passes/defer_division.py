@@ -18,7 +18,7 @@ def depends_on_n(n: Node, c: Cascade) -> bool:
     for x in n.walk():
         if x.op is Op.INDEX and x.arg == "kv_idx":
             return True
-        if x.op is Op.TENSOR and x.arg not in ("Q",) and (x.arg in ("K", "V") or "n" in c.get(x.arg).ranks):
+        if x.op is Op.TENSOR and "n" in c.ranks_of(x.arg):
             return True
     return False
 
@@ -43,27 +43,27 @@ def split(n: Node, c: Cascade) -> tuple[Node, list[tuple[Op, Node]]]:
 
 
 def weight_of(c: Cascade) -> Node:
-    """The weight w in O = w * V, a weight statement (P) inlined. A read of the score S stays a read: S is the
-    plan's score hook (its scale is folded into q), so its body must not be split here."""
-    o, v = c.get("O"), tensor("V")
+    """The weight w in O = w * V, a weight statement inlined. A read of the score stays a read: the score is
+    the plan's score hook (its scale is folded into q), so its body must not be split here."""
+    o, v = c.role("output"), tensor(c.input("v").name)
     a, b = o.body.src if o.body.op is Op.MUL else (o.body, None)
     w = a if b == v else b if a == v else canonical(o.body / v)
-    if w.op is Op.TENSOR and w.arg != "S" and c.get(w.arg).reduce is None:
+    if w.op is Op.TENSOR and c.role_of(w.arg) != "score" and c.get(w.arg).reduce is None:
         w = c.get(w.arg).body
     return w
 
 
 def defer_division(c: Cascade) -> Cascade:
-    o = c.get("O")
+    o = c.role("output")
     rest, factors = split(weight_of(c), c)
-    u = Einsum("U", o.ranks, rest * tensor("V"), "+", ("n",))
+    u = Einsum("U", o.ranks, rest * tensor(c.input("v").name), "+", ("n",), role="acc")
     out = tensor("U")
     for op, f in factors:
         out = E.make(op, out, f)
     stmts = []
     for s in c.stmts:
-        if s.name == "O":
-            stmts += [u, Einsum("O", o.ranks, out)]
+        if s is o:
+            stmts += [u, Einsum(o.name, o.ranks, out, role="output")]
         else:
             stmts.append(s)
     return c.replace(stmts=tuple(drop_unused(stmts, c.outputs)))

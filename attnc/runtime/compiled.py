@@ -1,18 +1,21 @@
-"""The object compile() returns: validates a call, classifies tiles, runs the generated kernel."""
+"""The object compile() returns: validates a call, compiles the variant's kernels for the call's target and
+direction, classifies tiles, and runs them, through autograd when inputs require gradients."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from attnc.backends import backend as backend_module
 from attnc.errors import CallError
 from attnc.frontend.variant import Param, Variant
 from attnc.ir.lower import lower
 from attnc.ir.printer import cascade_text
-from attnc.passes import PASS_NAMES, run_pipeline
+from attnc.passes import BACKWARD_PASS_NAMES, PASS_NAMES, run_pipeline
 from attnc.passes.block_sparsity import FULL, PARTIAL
 from attnc.passes.bounds import check_at_call
-from attnc.plan import KernelPlan, build_plan
+from attnc.plan import PLAN_PASSES, KernelPlan, build_plans, run_plan_passes
+from attnc.plan.text import plan_text
 from attnc.runtime import cache
 from attnc.runtime.reference import reference
 
@@ -22,8 +25,22 @@ PARAM_DTYPES = {"float": FLOATS, "int": (torch.int32, torch.int64, torch.int16, 
 TARGETS = ("torch", "triton")
 
 
+class Kernel:
+    """One compiled plan: its source and the callable that runs it."""
+
+    def __init__(self, plan: KernelPlan, source: str, run):
+        self.plan, self.source, self.run = plan, source, run
+
+
 class Compiled:
-    """attn(q, k, v, *, scale=None, return_lse=False, **params) for one variant."""
+    """attn(q, k, v, *, scale=None, return_lse=False, **params) for one variant.
+
+    q [B, H, Q, D], k [B, HKV, KV, D], v [B, HKV, KV, Dv], float32/float16/bfloat16/float64; H a multiple of
+    HKV. Returns out [B, H, Q, Dv] in q's dtype (and lse [B, H, Q] in float32, float64 for float64 inputs,
+    with return_lse=True). Params are keyword arguments, tensors shaped as the spec declares them.
+    Differentiable with respect to q, k, v and every float param, on both backends: when any of them
+    requires grad, the call records a backward that runs attnc's derived backward kernels.
+    """
 
     def __init__(self, variant: Variant, backend: str | None = None):
         if backend is not None and backend not in TARGETS:
@@ -38,50 +55,75 @@ class Compiled:
 
     # -- compilation --
     def cascade(self, return_lse: bool = False, after: str | None = None, trace: list | None = None,
-                target: str = "torch"):
-        backend = _backend_module(target)
-        c = lower(self.variant, return_lse).with_facts(block_m=backend.BLOCK_M, block_n=backend.BLOCK_N)
-        return run_pipeline(c, after, trace)
+                target: str = "torch", backward: bool = False, save: bool = False):
+        """The cascade after the passes (up to `after`): forward, or with backward=True the backward."""
+        c = lower(self.variant, return_lse).with_facts(target=target, save=save, lse_grad=return_lse)
+        return run_pipeline(c, after, trace, backward)
+
+    def plans(self, target: str = "torch", return_lse: bool = False, backward: bool = False,
+              save: bool = False) -> tuple[KernelPlan, ...]:
+        return tuple(k.plan for k in self._compiled(target, return_lse, backward, save))
 
     def plan(self, return_lse: bool = False, target: str = "torch") -> KernelPlan:
-        return self._kernel(return_lse, target)[0]
+        """The forward kernel's plan."""
+        return self.plans(target, return_lse)[0]
 
-    def _kernel(self, return_lse: bool, target: str):
-        key = (return_lse, target)
+    def _compiled(self, target: str, return_lse: bool, backward: bool, save: bool = False) -> list[Kernel]:
+        key = (target, return_lse, backward, save or backward)
         if key not in self._kernels:
-            self._kernels[key] = self._build(return_lse, target)
+            self._kernels[key] = self._build(*key)
         return self._kernels[key]
 
-    def _build(self, return_lse: bool, target: str):
-        backend = _backend_module(target)
-        plan = build_plan(self.cascade(return_lse, target=target))
-        key = cache.cache_key(target, self.variant.key(), repr(plan), cache.code_version(backend))
-        source, path = cache.cached_source(plan.name, key, lambda: backend.render_plan(plan))
-        return plan, source, cache.load_kernel(source, plan.name, path) if target == "torch" else None
+    def _build(self, target: str, return_lse: bool, backward: bool, save: bool) -> list[Kernel]:
+        be = backend_module(target)
+        c = self.cascade(return_lse, target=target, backward=backward, save=save)
+        out = []
+        for plan in build_plans(c):
+            plan = run_plan_passes(plan, be.PLAN_PASSES)
+            key = cache.cache_key(target, self.variant.key(), repr(plan), cache.code_version(be))
+            source, path = cache.cached_source(plan.name, key, lambda p=plan: be.render(p))
+            out.append(Kernel(plan, source, be.load_kernel(source, plan.name, path)))
+        return out
 
-    def source(self, target: str = "torch", return_lse: bool = False) -> str:
+    def source(self, target: str = "torch", return_lse: bool = False, backward: bool = False) -> str:
+        """The generated source: the forward kernel, or with backward=True every backward kernel."""
         if target not in TARGETS:
             raise CallError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-        return self._kernel(return_lse, target)[1]
+        return "\n\n".join(k.source for k in self._compiled(target, return_lse, backward))
 
-    def ir(self, after: str | None = None, stages: bool = False, return_lse: bool = False) -> str:
-        """The cascade after `after` (default: every pass), with the pass count; stages=True prints each stage."""
-        if after is not None and after not in PASS_NAMES:
-            raise CallError(f"unknown pass {after!r}; passes: {', '.join(PASS_NAMES)}")
+    def ir(self, after: str | None = None, stages: bool = False, return_lse: bool = False,
+           backward: bool = False, target: str | None = None) -> str:
+        """The cascade after `after` (default: every pass) with its pass count, then the kernels' plans
+        after the target's plan passes; stages=True prints every stage."""
+        target = target or self.backend or "torch"
+        names = (BACKWARD_PASS_NAMES if backward else PASS_NAMES)
+        plan_names = ["plan"] + list(backend_module(target).PLAN_PASSES)
+        if after is not None and after not in names + plan_names:
+            raise CallError(f"unknown pass {after!r}; passes: {', '.join(names + plan_names)}")
         trace: list = []
-        self.cascade(return_lse, after, trace, target=self.backend or "torch")
+        c = self.cascade(return_lse, after if after in names else None, trace, target, backward)
         shown = trace if stages else trace[-1:]
         parts = []
-        for name, c, passes in shown:
-            parts.append(f"-- after {name}: {passes} pass{'es' if passes != 1 else ''} over the keys --")
-            parts.append(cascade_text(c))
-            for key in ("tiling",):
-                parts += [f"# {line}" for line in c.facts.get(key, ())]
-            if "sparsity_kind" in c.facts:
-                parts.append(f"# block sparsity: {c.facts['sparsity_kind']}")
-            if stages:      # bounds describe the params' declarations, which callbacks only get at call time
-                parts += [f"# bounds: {a.describe()}" for a in c.facts.get("bounds", ())]
-            parts += [f"# note: {n}" for n in c.facts.get("notes", ())]
+        if after is None or after in names:
+            for name, cc, passes in shown:
+                parts.append(f"-- after {name}: {passes} pass{'es' if passes != 1 else ''} over the keys --")
+                parts.append(cascade_text(cc))
+                parts += [f"# {line}" for line in cc.facts.get("schedule", ())]
+                if "sparsity_kind" in cc.facts:
+                    parts.append(f"# block sparsity: {cc.facts['sparsity_kind']} (key tiles per query tile, and "
+                                 f"query tiles per key tile)")
+                if stages:      # bounds describe the params' declarations, which callbacks only get at call time
+                    parts += [f"# bounds: {a.describe()}" for a in cc.facts.get("bounds", ())]
+                parts += [f"# note: {n}" for n in cc.facts.get("notes", ())]
+        if after is not None and after in names:
+            return "\n".join(parts)
+        stop = after if after in plan_names else None
+        for plan in build_plans(c):
+            ptrace: list = []
+            run_plan_passes(plan, backend_module(target).PLAN_PASSES, stop, ptrace)
+            for name, p in (ptrace if stages else ptrace[-1:]):
+                parts.append(f"-- plan after {name} ({target}) --")
+                parts.append(plan_text(p))
         return "\n".join(parts)
 
     @property
@@ -123,17 +165,35 @@ class Compiled:
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False, **params):
         sizes, params, scale = self._validate(q, k, v, scale, params)
         target = self.backend or ("triton" if q.is_cuda else "torch")
-        plan, _, kernel = self._kernel(return_lse, target)
-        check_at_call(plan.bounds, sizes, params)
-        if target == "triton":
-            from attnc.backends import triton_backend
-            return triton_backend.launch(self, plan, q, k, v, scale, params, sizes, return_lse)
-        torch_backend = _backend_module("torch")
-        torch_backend.keep_tiles_in_the_heap()
-        block_m, tiles = self.schedule(plan, sizes, params, torch_backend.TILE_SHAPES, torch_backend.tile_cost)
-        args = [params[p.name] for p in plan.params]
-        with torch_backend.flush_denormals():
-            return kernel(q, k, v, scale, tiles, block_m, return_lse, *args)
+        grad_params = [p.name for p in self.variant.params.values()
+                       if p.kind == "float" and params[p.name].requires_grad]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or grad_params):
+            from attnc.runtime.autograd import attention
+            return attention(self, target, q, k, v, scale, params, sizes, return_lse)
+        out = self.forward(target, q, k, v, scale, params, sizes, return_lse)
+        return (out["out"], out["lse"]) if return_lse else out["out"]
+
+    def forward(self, target: str, q, k, v, scale: float, params: dict, sizes: dict, return_lse: bool,
+                save: bool = False) -> dict:
+        """The forward kernel's results by name: out, lse (with return_lse), and with save the final row
+        statistics the backward reads."""
+        kernel = self._compiled(target, return_lse, False, save)[0]
+        check_at_call(kernel.plan.bounds, sizes, params)
+        return self.launch(target, kernel, {"Q": q, "K": k, "V": v}, scale, params, sizes)
+
+    def backward(self, target: str, tensors: dict, scale: float, params: dict, sizes: dict,
+                 return_lse: bool) -> dict:
+        """Every backward kernel in order; tensors holds the forward's inputs, saved values, dO (and dLSE).
+        Returns dq, dk, dv and grad_<param> for each float param with a gradient."""
+        results: dict = {}
+        for kernel in self._compiled(target, return_lse, True):
+            got = self.launch(target, kernel, {**tensors, **results}, scale, params, sizes)
+            results.update(got)
+        return results
+
+    def launch(self, target: str, kernel: Kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:
+        be = backend_module(target)
+        return be.launch(self, kernel, tensors, scale, params, sizes)
 
     def tiles(self, plan: KernelPlan, sizes: dict, params: dict, block_m: int | None = None,
               block_n: int | None = None) -> list:
@@ -169,7 +229,8 @@ class Compiled:
         return best[1:]
 
     def reference(self, q, k, v, *, scale: float | None = None, return_lse: bool = False, **params):
-        """The materialized computation (all Q x KV scores) in q's dtype: float64 inputs give the oracle."""
+        """The materialized computation (all Q x KV scores) in q's dtype: float64 inputs give the oracle.
+        Differentiable through torch's autograd: the oracle of attnc's gradients."""
         sizes, params, scale = self._validate(q, k, v, scale, params)
         return reference(self.variant, q, k, v, scale, params, sizes, return_lse)
 
@@ -246,11 +307,3 @@ def _check_param(p: Param, t, sizes: dict, device) -> torch.Tensor:
             raise CallError(f"param '{p.name}' axis {axis} must have size {d}"
                             f"{'' if isinstance(d, int) else f' = {want}'}, got {n} (shape {tuple(t.shape)})")
     return t
-
-
-def _backend_module(target: str):
-    if target == "torch":
-        from attnc.backends import torch_backend
-        return torch_backend
-    from attnc.backends import triton_backend
-    return triton_backend
