@@ -9,7 +9,8 @@ from attnc.errors import AttncError, CallError, SpecError
 from attnc.runtime.cache import VERSION as __version__
 from attnc.runtime.compiled import Compiled
 
-__all__ = ["compile", "SpecError", "CallError", "AttncError", "Compiled", "flex_attention", "rowmax", "rowsum"]
+__all__ = ["compile", "SpecError", "CallError", "AttncError", "Compiled", "flex_attention", "create_block_mask",
+           "rowmax", "rowsum"]
 
 
 def compile(spec: str | None = None, *, score_mod=None, mask_mod=None, norm=None, backend: str | None = None,
@@ -43,7 +44,17 @@ def rowsum(x):
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   return_lse=False, mask_mod=None):
-    """FlexAttention's call, compiled by attnc. block_mask may be a mask_mod callable or an object with one."""
-    from attnc.frontend.callbacks import flex_compat
-    return flex_compat(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, mask_mod)
+                   return_lse=False, kernel_options=None, *, return_aux=None):
+    """torch.nn.attention.flex_attention's call, arguments in its order, compiled by attnc (attnc.flex).
+    block_mask: a torch BlockMask, or a mask_mod callable."""
+    from attnc import flex
+    return flex.flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                               kernel_options, return_aux=return_aux)
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
+                      separate_full_blocks=True, compute_dq_write_order=False, dq_kv_order=True):
+    """torch's create_block_mask, its blocks classified by attnc's interval analysis (attnc.flex)."""
+    from attnc import flex
+    return flex.create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, _compile,
+                                  separate_full_blocks, compute_dq_write_order, dq_kv_order)
