@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lark
-from lark import Transformer, v_args
+from lark import v_args
+from lark.visitors import Transformer_NonRecursive
 
-from attnc.errors import Loc, SpecError, loc_in
+from attnc.errors import Loc, SpecError, loc_in, source_lines
+from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op, const, make
 
 
@@ -50,8 +52,9 @@ def _words(tokens) -> str:
     return ", ".join(names[:8]) + (" or more" if len(names) > 8 else "")
 
 
-class _ToStmts(Transformer):
-    """Parse tree -> Stmt list. Every alias in the grammar has a method here; anything else raises."""
+class _ToStmts(Transformer_NonRecursive):
+    """Parse tree -> Stmt list. Every alias in the grammar has a method here; anything else raises.
+    Non-recursive: a spec may nest deeper than Python's stack; the resolver measures its expressions."""
 
     def __init__(self, source: str, file: str):
         super().__init__()
@@ -68,8 +71,10 @@ class _ToStmts(Transformer):
 
     def _number(self, tok) -> int | float:
         v = _number(tok)
-        if isinstance(v, int) and v >= 2 ** 63:     # every backend computes integers in 64 bits
-            raise SpecError("integer literal too large", self._tok_loc(tok), "an integer below 2**63")
+        if isinstance(v, int) and v > E.INT_MAX:
+            raise SpecError("integer literal too large", self._tok_loc(tok), E.INT_RANGE_WORDS)
+        if isinstance(v, float) and 0 < v < E.FLOAT_TINY:
+            raise SpecError("number below float64's normal range", self._tok_loc(tok), E.TINY_WORDS)
         return v
 
     def start(self, children):
@@ -144,11 +149,12 @@ def parse(source: str, file: str = "<string>") -> list[Stmt]:
     try:
         tree = _parser().parse(source + "\n")
     except lark.exceptions.UnexpectedCharacters as e:
-        raise SpecError(f"unexpected character {source.splitlines()[e.line - 1][e.column - 1]!r}",
+        ch = (source + "\n")[e.pos_in_stream]
+        raise SpecError(f"unexpected character {ch!r}",
                         loc_in(source, file, e.line, e.column), _words(e.allowed) if e.allowed else None) from None
     except lark.exceptions.UnexpectedToken as e:
         got = "end of line" if e.token.type == "_NL" else "end of file" if e.token.type == "$END" else repr(str(e.token))
-        line, col = (e.line, e.column) if e.line and e.line > 0 else (len(source.splitlines()) or 1, 1)
+        line, col = (e.line, e.column) if e.line and e.line > 0 else (len(source_lines(source)), 1)
         raise SpecError(f"unexpected {got}", loc_in(source, file, line, col), _words(e.expected)) from None
     except lark.exceptions.UnexpectedInput as e:
         raise SpecError("cannot parse this", loc_in(source, file, getattr(e, "line", 0), getattr(e, "column", 0))) from None

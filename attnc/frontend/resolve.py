@@ -86,13 +86,20 @@ class Resolver:
         value = st.value
         if st.name in self.overrides:
             new = self.overrides[st.name]
-            if isinstance(new, bool) or not isinstance(new, (int, float)) or new != new or (
-                    isinstance(new, int) and abs(new) >= 2 ** 63):
+            if isinstance(new, bool) or not isinstance(new, (int, float)) or new != new:
                 raise SpecError(f"const '{st.name}' must be overridden with a number, got {new!r}", st.loc,
-                                "a float, or an int below 2**63")
+                                "a float, or an int from -2**31 to 2**31 - 1")
             if isinstance(value, int) and isinstance(new, float) and not new.is_integer():
                 raise SpecError(f"const '{st.name}' is an integer; got {new}", st.loc, "a whole number")
-            value = int(new) if isinstance(value, int) else float(new)
+            try:
+                value = int(new) if isinstance(value, int) else float(new)
+            except OverflowError:
+                raise SpecError(f"const '{st.name}' cannot hold {new!r}", st.loc, "a float within float64") from None
+        if isinstance(value, float) and 0 < abs(value) < E.FLOAT_TINY:
+            raise SpecError(f"const '{st.name}' = {value} is below float64's normal range", st.loc, E.TINY_WORDS)
+        if isinstance(value, int) and not E.INT_MIN <= value <= E.INT_MAX:
+            raise SpecError(f"const '{st.name}' = {value} is outside attnc's integer range", st.loc,
+                            E.INT_RANGE_WORDS)
         sc.consts[st.name] = value
 
     def _stmt_param(self, sc: _Scope, st: Stmt):
@@ -127,19 +134,23 @@ class Resolver:
             sc.params.setdefault(p.name, p)
 
     def _load_import(self, sc: _Scope, st: Stmt) -> Variant:
+        """The variant of an imported file: IMPORT_RULE."""
         raw = st.value
-        if not raw.endswith(".attn") or "\0" in raw:
-            raise SpecError(f"cannot import {raw!r}", st.loc, 'a path to an .attn file, e.g. "causal.attn"')
-        base = Path(sc.file).parent if sc.file not in ("<string>", "<callback>") else Path.cwd()
-        path = (base / raw).resolve()
+        if not raw.endswith(".attn") or any(not ch.isprintable() for ch in raw) or Path(raw).is_absolute():
+            raise SpecError(f"cannot import {raw!r}", st.loc, IMPORT_WORDS)
+        base = Path(sc.file).resolve().parent if sc.file not in ("<string>", "<callback>") else Path.cwd().resolve()
+        try:
+            path = (base / raw).resolve()               # after symlinks: where the bytes really are
+        except (OSError, RuntimeError):
+            raise SpecError(f"cannot import {raw!r}: its path does not resolve", st.loc, IMPORT_WORDS) from None
+        if not path.is_relative_to(base) or path.suffix != ".attn":
+            raise SpecError(f"cannot import {raw!r}: it leads outside {base}"
+                            + ("" if path.suffix == ".attn" else " or to a file that is not an .attn spec"),
+                            st.loc, IMPORT_WORDS)
         if str(path) in self.stack:
             chain = " -> ".join(Path(p).name for p in self.stack + (str(path),))
             raise SpecError(f"import cycle: {chain}", st.loc, "imports that form no cycle")
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise SpecError(f"cannot read imported file {raw!r} ({e.strerror})", st.loc,
-                            f"a file at {path}") from None
+        text = read_spec(path, raw, st.loc)
         inner = Resolver({}, self.stack + (str(path),))
         return inner.variant(text, str(path), default_name(path))
 
@@ -166,6 +177,7 @@ class Resolver:
             if sc.norm is not None:
                 raise SpecError("norm is assigned twice", st.loc, "one normalizer")
             sc.norm = self.norm(sc, st.value)
+            E.check_size(sc.norm[0], st.loc)        # with what the named normalizers wrap around it
         else:
             raise SpecError(f"cannot assign to '{st.name}'", st.loc,
                             "score = ..., mask = ..., norm = ..., or 'let name = ...' for a named expression")
@@ -208,10 +220,13 @@ class Resolver:
         memo: dict[int, Node] = {}
 
         def go(x: Node) -> Node:
-            if id(x) not in memo:
-                memo[id(x)] = self._node(sc, x, ctx, go)
             return memo[id(x)]
-        return go(n)
+        for x in n.walk():          # children first, so go() only looks up: no recursion, however deep n is
+            memo[id(x)] = self._node(sc, x, ctx, go)
+        out = memo[id(n)]
+        E.check_size(out, n.loc)
+        E.check_ints(out, n.loc)
+        return out
 
     def _node(self, sc: _Scope, n: Node, ctx: str, go) -> Node:
         op = n.op
@@ -229,7 +244,7 @@ class Resolver:
         _check_operands(op, srcs, n.loc)
         if op is Op.DIV and srcs[1].uses(Op.ROWSUM):
             op = Op.DIVZ   # an empty row's sum is 0: its weights are 0, not NaN
-        return E.make(op, *srcs, loc=n.loc)
+        return _folded(E.make(op, *srcs, loc=n.loc))
 
     def _name(self, sc: _Scope, n: Node, ctx: str) -> Node:
         name = n.arg
@@ -325,8 +340,13 @@ class Resolver:
         srcs = tuple(go(s) for s in n.src)
         _check_operands(op, srcs, n.loc)
         if op is Op.CLAMP:   # clamp(x, lo, hi) == min(max(x, lo), hi)
-            return E.make(Op.MIN, E.make(Op.MAX, srcs[0], srcs[1]), srcs[2], loc=n.loc)
-        return E.make(op, *srcs, loc=n.loc)
+            return _folded(E.make(Op.MIN, _folded(E.make(Op.MAX, srcs[0], srcs[1], loc=n.loc)), srcs[2], loc=n.loc))
+        return _folded(E.make(op, *srcs, loc=n.loc))
+
+
+def _folded(n: Node) -> Node:
+    """n, or its value when every operand is a constant (SpecError at n when that value does not exist)."""
+    return E.fold(n) or n
 
 
 def _check_operands(op: Op, srcs: tuple[Node, ...], loc: Loc | None):
@@ -361,6 +381,25 @@ def default_name(path: Path) -> str:
     return name if name and not name[0].isdigit() else "v_" + name
 
 
+IMPORT_RULE = ("an import names a relative path ending in .attn that, after symbolic links are followed, lies inside "
+               "the importing file's folder or one below it (for spec text, the current directory)")
+IMPORT_WORDS = 'a relative path to an .attn file in this folder or below, e.g. "causal.attn"'
+
+
+def read_spec(path: Path, shown: str, loc: Loc | None) -> str:
+    """The text of a spec file: a regular .attn file of UTF-8 text, or SpecError. The error never quotes
+    the file: what it holds is not known to be a spec."""
+    try:
+        if not path.is_file():
+            raise SpecError(f"cannot read {shown!r}: {'no such file' if not path.exists() else 'not a regular file'}",
+                            loc, "an .attn spec file")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"cannot read {shown!r}: it is not UTF-8 text", loc, "an .attn spec file") from None
+    except OSError as e:
+        raise SpecError(f"cannot read {shown!r} ({e.strerror})", loc, "an .attn spec file") from None
+
+
 def load(source_or_path: str, overrides: dict | None = None) -> Variant:
     """A Variant from a path to an .attn file or from spec text."""
     text, file, stem = source_or_path, "<string>", "variant"
@@ -372,9 +411,13 @@ def load(source_or_path: str, overrides: dict | None = None) -> Variant:
                             "a path of printable characters")
         path = Path(source_or_path)
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise SpecError(f"cannot read {source_or_path} ({e.strerror})", Loc(source_or_path)) from None
+            real = path.resolve()
+        except (OSError, RuntimeError):
+            raise SpecError(f"cannot read {source_or_path}: its path does not resolve", Loc(source_or_path)) from None
+        if real.suffix != ".attn":              # a link named .attn to something else: never show its contents
+            raise SpecError(f"cannot read {source_or_path}: it links to a file that is not an .attn spec",
+                            Loc(source_or_path), "an .attn spec file")
+        text = read_spec(real, source_or_path, Loc(source_or_path))
         file, stem = str(path), default_name(path)
-        return Resolver(overrides, (str(path.resolve()),)).variant(text, file, stem)
+        return Resolver(overrides, (str(real),)).variant(text, file, stem)
     return Resolver(overrides).variant(text, file, stem)

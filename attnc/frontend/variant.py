@@ -5,6 +5,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from attnc.errors import Loc
+from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op
 
 DTYPES = ("f32", "f16", "bf16", "i32", "i64", "bool")
@@ -46,10 +47,21 @@ class Variant:
     file: str = "<string>"
     captured: dict = field(default_factory=dict, compare=False, repr=False)   # callback closures: name -> tensor
 
+    def __post_init__(self):
+        """Whatever the frontend, a Variant is within the expression limits and the integer range, and
+        divides integers only by what cannot be 0: what the passes and backends rely on."""
+        from attnc.passes.bounds import check_divisors
+        where = Loc(self.file)
+        for e in (self.score, self.mask, self.norm):
+            if e is not None:
+                E.check_size(e, where)
+                E.check_ints(e, where)
+                check_divisors(e, where)
+
     def key(self) -> str:
-        """A content hash: equal variants compile to the same kernels."""
-        text = repr((self.name, self.score, self.mask, self.norm, sorted(self.params.values(), key=str),
-                     sorted(self.consts.items())))
+        """A content hash: equal variants compile to the same kernels. Built without recursion."""
+        text = repr((self.name, E.fingerprint(self.score, self.mask, self.norm),
+                     sorted(map(str, self.params.values())), sorted(self.consts.items())))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
