@@ -42,7 +42,10 @@ class Interp:
 
     def __call__(self, n: Node) -> Interval:
         if n not in self.memo:
-            self.memo[n] = self._eval(n)
+            for x in n.walk():                  # children first: _eval never recurses more than a level
+                if x not in self.memo:
+                    r = self._eval(x)
+                    self.memo[x] = _exact_ints(r) if x.dtype == E.INT else r
         return self.memo[n]
 
     def _eval(self, n: Node) -> Interval:
@@ -182,6 +185,18 @@ def _pad_edge(x: torch.Tensor, axis: int, pad: int) -> torch.Tensor:
     return torch.cat([x, x.narrow(axis, x.shape[axis] - 1, 1).repeat(reps)], axis)
 
 
+EXACT = 2.0 ** 53      # float64 holds every integer up to here, and +, -, * of such integers round correctly
+
+
+def _exact_ints(r: Interval) -> Interval:
+    """An integer range as float64 can vouch for it: a bound past 2**53 may have been rounded inward, so it
+    is moved out (rounding is monotone: a true bound below 2**53 never rounds past it)."""
+    lo, hi = r
+    lo = torch.where(lo > EXACT, _t(EXACT), torch.where(lo < -EXACT, _t(-INF), lo))
+    hi = torch.where(hi < -EXACT, _t(-EXACT), torch.where(hi > EXACT, _t(INF), hi))
+    return lo, hi
+
+
 def _mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(p * q, nan=0.0, posinf=INF, neginf=-INF)   # 0 * inf bounds 0
 
@@ -190,3 +205,128 @@ def _hull(xs: list[torch.Tensor]) -> Interval:
     xs = torch.broadcast_tensors(*xs)
     s = torch.stack(xs)
     return s.amin(0), s.amax(0)
+
+
+# -- exact integer ranges over the whole domain --
+# The call-time bounds check and the divisor proof need integer ranges that are exact, not float64: one
+# (lo, hi) pair of Python ints per node (or +-inf where nothing is known), walked children first.
+
+class IntOverflow(Exception):
+    """An integer subexpression whose range leaves [INT_MIN, INT_MAX]: the kernels would disagree there."""
+
+    def __init__(self, node: Node, lo, hi):
+        super().__init__(f"{lo}..{hi}")
+        self.node, self.lo, self.hi = node, lo, hi
+
+
+def _imul(a, b):
+    return 0 if a == 0 or b == 0 else a * b          # 0 * inf bounds 0
+
+
+def _corners(f, x, y) -> tuple:
+    vals = [f(a, b) for a in x for b in y]
+    return min(vals), max(vals)
+
+
+def _ifloordiv(x, y):
+    if y[0] <= 0 <= y[1]:
+        return -INF, INF
+    if any(math.isinf(v) for v in x + y):
+        return -INF, INF
+    return _corners(lambda a, b: a // b, x, y)       # monotone in each operand while the divisor keeps its sign
+
+
+def _imod(x, y):
+    (alo, ahi), (dlo, dhi) = x, y
+    if dlo > 0:
+        if dlo == dhi and not math.isinf(alo) and not math.isinf(ahi) and ahi - alo < dlo and alo % dlo <= ahi % dlo:
+            return alo % dlo, ahi % dlo                  # one period: the remainders keep their order
+        return 0, dhi - 1
+    if dhi < 0:
+        return dlo + 1, 0
+    return -INF, INF
+
+
+def _ipow(x, e: int, node: Node, limit: bool):
+    lo, hi = x
+    if e == 0:
+        return 1, 1
+    big = max(abs(lo), abs(hi))
+    if math.isinf(big) or (big > 1 and e > 62):
+        if limit:
+            raise IntOverflow(node, -INF if lo < 0 else 0, INF)
+        return -INF, INF
+    vals = [lo ** e, hi ** e] + ([0] if lo < 0 < hi else [])
+    return min(vals), max(vals)
+
+
+_INT_OPS = {
+    Op.ADD: lambda x, y: (x[0] + y[0], x[1] + y[1]),
+    Op.SUB: lambda x, y: (x[0] - y[1], x[1] - y[0]),
+    Op.NEG: lambda x: (-x[1], -x[0]),
+    Op.MUL: lambda x, y: _corners(_imul, x, y),
+    Op.FLOORDIV: _ifloordiv, Op.MOD: _imod,
+    Op.MIN: lambda x, y: (min(x[0], y[0]), min(x[1], y[1])),
+    Op.MAX: lambda x, y: (max(x[0], y[0]), max(x[1], y[1])),
+    Op.ABS: lambda x: (x[0] if x[0] >= 0 else -x[1] if x[1] <= 0 else 0, max(-x[0], x[1])),
+    Op.RELU: lambda x: (max(x[0], 0), max(x[1], 0)),
+    Op.SIGN: lambda x: ((x[0] > 0) - (x[0] < 0), (x[1] > 0) - (x[1] < 0)),
+    Op.FLOOR: lambda x: x, Op.CEIL: lambda x: x,
+}
+
+
+def int_ranges(root: Node, leaf, limit: bool, out: dict | None = None) -> dict[Node, tuple]:
+    """(lo, hi) of every integer and boolean node of root, exact integers or +-inf; leaf(n) gives INDEX,
+    SIZE, LOAD and TENSOR nodes theirs. Booleans are [0, 1] unless a comparison of integer ranges decides
+    them. limit: raise IntOverflow at the first integer node whose range leaves [INT_MIN, INT_MAX].
+    out: ranges already known (shared between the expressions of one call)."""
+    out = {} if out is None else out
+    for n in root.walk():
+        if n in out:
+            continue
+        if n.dtype == E.FLOAT:
+            continue
+        r = _int_node(n, out, leaf)
+        if limit and n.dtype == E.INT and not (E.INT_MIN <= r[0] and r[1] <= E.INT_MAX):
+            raise IntOverflow(n, *r)
+        out[n] = r
+    return out
+
+
+def _int_node(n: Node, out: dict, leaf) -> tuple:
+    op = n.op
+    if op is Op.CONST:
+        return int(n.arg), int(n.arg)
+    if op in (Op.INDEX, Op.SIZE, Op.LOAD, Op.TENSOR):
+        return leaf(n)
+    x = [out.get(s) for s in n.src]
+    if n.dtype == E.BOOL:
+        if op in E.COMPARE and all(r is not None for r in x):
+            return _icompare(op, *x)
+        if op is Op.NOT and x[0] is not None:
+            return 1 - x[0][1], 1 - x[0][0]
+        if op in (Op.AND, Op.OR) and all(r is not None for r in x):
+            f = min if op is Op.AND else max
+            return f(x[0][0], x[1][0]), f(x[0][1], x[1][1])
+        return 0, 1
+    if op is Op.WHERE:
+        c, a, b = x
+        return a if c == (1, 1) else b if c == (0, 0) else (min(a[0], b[0]), max(a[1], b[1]))
+    if op is Op.POW:
+        return _ipow(x[0], int(n.src[1].arg), n, False)
+    if op in _INT_OPS and all(r is not None for r in x):
+        return _INT_OPS[op](*x)
+    return -INF, INF
+
+
+def _icompare(op: Op, x, y) -> tuple:
+    (alo, ahi), (blo, bhi) = x, y
+    if op in (Op.GT, Op.GE):
+        (alo, ahi), (blo, bhi), op = (blo, bhi), (alo, ahi), Op.LT if op is Op.GT else Op.LE
+    if op is Op.LT:
+        return int(ahi < blo), int(alo < bhi)
+    if op is Op.LE:
+        return int(ahi <= blo), int(alo <= bhi)
+    same = alo == ahi == blo == bhi
+    apart = ahi < blo or bhi < alo
+    return (int(same), int(not apart)) if op is Op.EQ else (int(apart), int(not same))

@@ -11,6 +11,45 @@ from attnc.ir.expr import FLOAT, INT, Node, Op
 
 _FUNCS = {Op.EXP: sympy.exp, Op.LOG: sympy.log, Op.TANH: sympy.tanh}
 _BACK = {sympy.exp: Op.EXP, sympy.log: Op.LOG, sympy.tanh: Op.TANH}
+_ARITH = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b, Op.NEG: lambda a: -a}
+
+# What sympy is given to fold. Its integers are exact and unbounded, so 10 ** 10 ** 10 would run for hours;
+# its floats have unbounded exponents, so 1e308 * 1e308 is not inf. Numbers it makes are kept to those a
+# backend can print and compute alike; arithmetic that would leave them stays opaque.
+MAX_POWER = 64            # x ** e with |e| beyond this is left to the backends
+MAX_BITS = 1024           # a power of a number at most this large (in bits) is folded
+FLOAT_MAX = 1.7976931348623157e308
+
+
+def _small_power(base: sympy.Expr, e: int) -> bool:
+    """base ** e is cheap for sympy: a small exponent, and no number in base that would grow past MAX_BITS."""
+    if abs(e) > MAX_POWER:
+        return False
+    nums = [abs(a) for a in base.atoms(sympy.Number)]
+    if e < 0 and base.is_zero:
+        return False
+    return all(a == 0 or abs(float(sympy.log(a, 2))) * abs(e) <= MAX_BITS for a in nums)
+
+
+def _number(op: Op, x: sympy.Expr) -> sympy.Expr | None:
+    """A function of a number, evaluated as the backends evaluate it (float64); None where it has no value."""
+    try:
+        v = E.fold_value(op, [float(x)], FLOAT)
+    except (E.FoldError, OverflowError, TypeError):
+        return None
+    return sympy.Float(v) if v is not None and math.isfinite(v) else None
+
+
+def _tame(x: sympy.Expr) -> bool:
+    """x holds only numbers a backend prints as they are: normal finite floats, integers within int64."""
+    for a in x.atoms(sympy.Number):
+        if a.is_Integer and abs(int(a)) >= 2 ** 63:
+            return False
+        if a.is_Rational and not a.is_Integer and (abs(a.p) >= 2 ** 63 or abs(a.q) >= 2 ** 63):
+            return False
+        if not a.is_finite or (a.is_Float and not (a == 0 or E.FLOAT_TINY <= abs(float(a)) <= FLOAT_MAX)):
+            return False
+    return not x.has(sympy.zoo, sympy.nan)
 
 
 class SymMap:
@@ -19,6 +58,7 @@ class SymMap:
     def __init__(self):
         self.to_node: dict[sympy.Symbol, Node] = {}
         self.to_sym: dict[Node, sympy.Symbol] = {}
+        self.memo: dict[Node, sympy.Expr] = {}
 
     def symbol(self, n: Node, name: str | None = None) -> sympy.Symbol:
         if n not in self.to_sym:
@@ -33,7 +73,15 @@ class SymMap:
         return self.to_sym[n]
 
     # -- Node -> sympy --
-    def to(self, n: Node) -> sympy.Expr:
+    def to(self, root: Node) -> sympy.Expr:
+        """root as a sympy expression: children first, each distinct node once (no recursion, and a DAG of
+        shared subexpressions stays a DAG)."""
+        for n in root.walk():
+            if n not in self.memo:
+                self.memo[n] = self._one(n)
+        return self.memo[root]
+
+    def _one(self, n: Node) -> sympy.Expr:
         op = n.op
         if op is Op.CONST and n.dtype != E.BOOL and math.isfinite(n.arg):
             return sympy.Integer(n.arg) if n.dtype == INT else sympy.Float(n.arg)
@@ -41,22 +89,21 @@ class SymMap:
             return self.symbol(n, str(n.arg))
         if op is Op.SCORE:
             return self.symbol(n, "score")
-        if op is Op.ADD:
-            return self.to(n.src[0]) + self.to(n.src[1])
-        if op is Op.SUB:
-            return self.to(n.src[0]) - self.to(n.src[1])
-        if op is Op.MUL:
-            return self.to(n.src[0]) * self.to(n.src[1])
-        if op is Op.NEG:
-            return -self.to(n.src[0])
-        if op is Op.DIV:
-            return self.to(n.src[0]) / self.to(n.src[1])
-        if op is Op.POW and n.src[1].op is Op.CONST and n.src[1].dtype == INT:
-            return self.to(n.src[0]) ** n.src[1].arg
-        if op in _FUNCS:
-            return _FUNCS[op](self.to(n.src[0]))
-        # opaque: convert operands on their own, then name the rebuilt node
-        srcs = tuple(self.back(self.to(s), s.dtype) for s in n.src)
+        x = [self.memo[s] for s in n.src]
+        out = None
+        if op in _ARITH:
+            out = _ARITH[op](*x)
+        elif op is Op.DIV and not x[1].is_zero:
+            out = x[0] / x[1]
+        elif op is Op.POW and n.src[1].op is Op.CONST and n.src[1].dtype == INT and _small_power(x[0], n.src[1].arg):
+            out = x[0] ** n.src[1].arg
+        elif op in _FUNCS:
+            out = _FUNCS[op](x[0]) if not x[0].is_number else _number(op, x[0])
+        if out is not None and _tame(out):
+            return out
+        # opaque: convert operands on their own, then name the rebuilt node. So is arithmetic sympy would
+        # fold into no number (x / 0), into one past float64 or int64, or spend unbounded time on
+        srcs = tuple(self.back(x[i], s.dtype) for i, s in enumerate(n.src))
         return self.symbol(Node(op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc) if srcs else n)
 
     # -- sympy -> Node --
@@ -119,9 +166,12 @@ class SymMap:
 
 
 def canonical(n: Node) -> Node:
-    """n in sympy's canonical form (terms ordered, constants folded, like terms collected)."""
+    """n in sympy's canonical form (terms ordered, constants folded, like terms collected). sympy flattens
+    sums and products, which can turn a balanced tree into a long chain: a result deeper than both n and
+    MAX_DEPTH is not taken, so every expression stays as deep as the printers and compilers allow."""
     m = SymMap()
-    return m.back(m.to(n), n.dtype)
+    out = m.back(m.to(n), n.dtype)
+    return out if E.height(out) <= max(E.height(n), E.MAX_DEPTH) else n
 
 
 def linear_coeff(n: Node, var: Node) -> float | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from attnc.ir.expr import SIZE_NAMES, Op
-from attnc.passes.bounds import _RANGE
-from attnc.passes.intervals import Box, Interp
+from attnc.passes.bounds import Access, domain_leaf
+from attnc.passes.intervals import IntOverflow, int_ranges
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
           "i64": torch.int64, "bool": torch.bool}
@@ -40,6 +40,8 @@ def random_params(attn, B: int, H: int, HKV: int, Q: int, KV: int, D: int, gener
     # an int param read inside another param's index holds indices: values in [0, that axis's length)
     limits: dict[str, int] = {}
     for a in reads:
+        if not isinstance(a, Access):
+            continue
         for n in a.index.walk():
             if n.op is Op.LOAD:
                 n_outer = _length(a.dim, dims)
@@ -59,26 +61,21 @@ def _length(dim, dims: dict[str, int]) -> int:
     return dim if isinstance(dim, int) else dims[dim]
 
 
-def _interp(dims: dict[str, int], params: dict) -> Interp:
-    """Intervals over the whole domain: b < B, h < H, q_idx < Q, kv_idx < KV (as check_at_call builds it)."""
-    full = {k: (torch.tensor(0.0, dtype=torch.float64), torch.tensor(dims[v] - 1.0, dtype=torch.float64))
-            for k, v in _RANGE.items()}
-    return Interp(Box(full, {k: float(v) for k, v in dims.items()}, params, {}))
-
-
 def _reach(reads, dims: dict[str, int], params: dict) -> dict[str, int]:
-    """For each free dim name: 1 + the largest index any read reaches along it (reads of missing params skipped)."""
+    """For each free dim name: 1 + the largest index any read reaches along it (reads of missing params skipped),
+    computed exactly as the call-time check computes it."""
     out: dict[str, int] = {}
-    interp = _interp(dims, params)
+    leaf = domain_leaf(dims, params)
     for a in reads:
-        if not isinstance(a.dim, str) or a.dim in SIZE_NAMES:
+        if not isinstance(a, Access) or not isinstance(a.dim, str) or a.dim in SIZE_NAMES:
             continue
         if any(n.op is Op.LOAD and n.arg not in params for n in a.index.walk()):
             continue
-        hi = interp(a.index)[1].max().item()
-        if hi != hi or hi in (float("inf"), float("-inf")):
-            continue                        # no finite claim: the call-time check will say what is wrong
-        out[a.dim] = max(out.get(a.dim, 1), int(hi) + 1)
+        try:
+            hi = int_ranges(a.index, leaf, limit=True)[a.index][1]
+        except IntOverflow:
+            continue                        # the call-time check will say what is wrong
+        out[a.dim] = max(out.get(a.dim, 1), hi + 1)
     return out
 
 

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from attnc.frontend.variant import Variant
-from attnc.ir.expr import BOOL, INT, Node, Op
+from attnc.errors import CallError
+from attnc.ir.expr import BOOL, FLOAT, INT, Node, Op
+from attnc.ir.printer import expr_text
 
 _FN = {
     Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.true_divide,
@@ -25,7 +27,6 @@ _FN = {
     Op.RELU: torch.relu, Op.ABS: torch.abs, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
     Op.MIN: torch.minimum, Op.MAX: torch.maximum,
 }
-_INT_TO_FLOAT = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SOFTPLUS}
 
 
 def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch.float64,
@@ -45,7 +46,7 @@ def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch
         elif op is Op.SCORE:
             val = env["score"]
         elif op is Op.LOAD:
-            val = params[n.arg][tuple(memo[s].long() for s in n.src)]
+            val = _load(n, params[n.arg], [memo[s] for s in n.src])
             val = val.to(dtype) if val.is_floating_point() else val
         elif op is Op.TOFLOAT:
             val = memo[n.src[0]].to(dtype)
@@ -53,13 +54,25 @@ def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch
             val = rows(op, memo[n.src[0]])
         else:
             args = [memo[s] for s in n.src]
-            if op in _INT_TO_FLOAT:
-                args = [a.to(dtype) if not a.is_floating_point() else a for a in args]
-            if op is Op.DIV:
-                args = [a.to(dtype) if not a.is_floating_point() else a for a in args]
+            if n.dtype == FLOAT:        # an integer operand of a float op is a float: q_idx ** -1 is 1 / q_idx
+                args = [a.to(dtype) if not a.is_floating_point() and (op is not Op.WHERE or i) else a
+                        for i, a in enumerate(args)]
             val = _FN[op](*args)
         memo[n] = val
     return memo[root]
+
+
+def _load(n: Node, t: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
+    """t at the index tensors, or CallError where one leaves t: torch would wrap a negative index around."""
+    idx = []
+    for axis, i in enumerate(index):
+        i = i.long()
+        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[axis]):
+            raise CallError(f"param '{n.arg}' would be read out of bounds: axis {axis} is indexed by "
+                            f"{expr_text(n.src[axis])}, which reaches [{int(i.min())}, {int(i.max())}], but the "
+                            f"tensor has {t.shape[axis]} entries there")
+        idx.append(i)
+    return t[tuple(idx)]
 
 
 def index_env(B: int, H: int, Q: int, KV: int, sizes: dict) -> dict:
