@@ -90,10 +90,12 @@ def _ratio(num: Node, den: Node, b: _Builder) -> Node | None:
     x, y = m.to(_plain_div(num)), m.to(_plain_div(den))
     if y == 0:
         return None
-    r = sympy.simplify(sympy.powsimp(x / y, force=True))
-    if any(b.tile_level(m.to_node[s]) for s in r.free_symbols):
-        return None
-    return canonical(_guard_div(m.back(r, E.FLOAT)))
+    # the plainest form first: simplify() may trade exp(s - M) / D for exp(M) / (D exp(M)), which overflows
+    for r in (sympy.powsimp(x / y, force=True), None):
+        r = sympy.simplify(sympy.powsimp(x / y, force=True)) if r is None else r
+        if not any(b.tile_level(m.to_node[s]) for s in r.free_symbols):
+            return canonical(_guard_div(m.back(r, E.FLOAT)))
+    return None
 
 
 def _is_zero(n: Node) -> bool:

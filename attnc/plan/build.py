@@ -72,6 +72,8 @@ class _Builder:
         refs = refs or {}
 
         def rename(x: Node) -> Node | None:
+            if x == SCALE:                  # qk is the scaled logit: the scale only ever comes multiplied by QK
+                return E.const(1)
             if x.op is not Op.TENSOR:
                 return None
             return Node(Op.TENSOR, arg=refs.get(x.arg) or self.name(x.arg), dtype=x.dtype)
@@ -118,9 +120,9 @@ class _Builder:
                 passes[i] = replace(passes[i], after=passes[i].after + (line,))
             else:
                 epilogue.append(line)
-        stores = tuple(self.store(c.get(n)) for n in spec.stores if c.get(n).role != "dparam")
-        row_grads = tuple(self.param_grad(s) for s in self.mine
-                          if s.role == "dparam" and self.loop not in s.over and self.par not in s.over)
+        stores = tuple(self.store(c.get(n)) for n in spec.stores       # scattered outputs are returned whole
+                       if c.get(n).role != "dparam" and self.par not in c.get(n).over)
+        row_grads = tuple(self.param_grad(s) for s in self.mine if s.role == "dparam" and self.loop not in s.over)
         v = c.variant
         plan = KernelPlan(
             kernel_name(v, spec.kind), spec.kind, v, self.par, (), plan_score,

@@ -34,15 +34,7 @@ def linearize(roots: list[Assign], bound: dict[Node, str], prefix: str) -> tuple
     names = dict(bound)
     lines: list[Assign] = []
     count = 0
-    alias: dict[Node, Node] = {}        # a root that is a bare value: later roots read that value directly
-    resolved = []
-    for name, root in roots:
-        root = E.substitute(root, alias) if alias else root
-        if not root.src and root.op is Op.TENSOR:
-            alias[value(name, root.dtype)] = root
-        resolved.append((name, root))
-    roots = resolved
-
+    alias: dict[Node, Node] = {}        # a root held by another variable: later reads of it read that one
     def named(n: Node) -> Node:
         """n with its already-named subexpressions read by name."""
         memo: dict[Node, Node] = {}
@@ -54,22 +46,21 @@ def linearize(roots: list[Assign], bound: dict[Node, str], prefix: str) -> tuple
             memo[x] = x if srcs == x.src else Node(x.op, srcs, x.arg, x.dtype, x.loc)
         return memo[n]
 
-    for _, root in roots:
+    out: dict[str, str] = {}
+    for name, root in roots:                 # root by root: a later root reuses an earlier one by its name
+        root = E.substitute(root, alias) if alias else root
+        held = names.get(root) or (root.arg if not root.src and root.op is Op.TENSOR else None)
+        if held is not None:                 # already computed, or a plain value: no line of its own
+            out[name] = held
+            alias[value(name, root.dtype)] = value(held, root.dtype)
+            continue
         for n in root.walk():
             if n in names or not n.src or uses[n] < 2 or n is root:
                 continue
             count += 1
-            name = f"{prefix}{count}"
-            lines.append((name, named(n)))
-            names[n] = name
-    out: dict[str, str] = {}
-    for name, root in roots:
-        if root in names:
-            out[name] = names[root]
-            continue
-        if not root.src and root.op is Op.TENSOR:
-            out[name] = root.arg                # a plan value needs no variable of its own
-            continue
+            temp = f"{prefix}{count}"
+            lines.append((temp, named(n)))
+            names[n] = temp
         lines.append((name, named(root)))
         names[root] = name
         out[name] = name
