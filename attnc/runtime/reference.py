@@ -18,7 +18,9 @@ _FN = {
     Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.true_divide,
     Op.FLOORDIV: lambda a, b: torch.div(a, b, rounding_mode="floor"), Op.MOD: torch.remainder,
     Op.POW: torch.pow, Op.NEG: torch.neg,
-    Op.DIVZ: lambda a, d: torch.where(d == 0, torch.zeros_like(a / d), a / d),
+    # x /? d: 0 where d == 0; the divisor is made safe first, so autograd never sees 0 / 0 either
+    Op.DIVZ: lambda a, d: torch.where(d == 0, torch.zeros((), dtype=torch.result_type(a, d)),
+                                      a / torch.where(d == 0, torch.ones((), dtype=torch.result_type(d, 1.0)), d)),
     Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.EQ: torch.eq, Op.NE: torch.ne,
     Op.AND: torch.logical_and, Op.OR: torch.logical_or, Op.NOT: torch.logical_not,
     Op.WHERE: torch.where,
@@ -95,10 +97,12 @@ def reference(v: Variant, q, k, v_, scale: float, params: dict, sizes: dict, ret
     keep = torch.ones((), dtype=torch.bool) if v.mask is None else evaluate(v.mask, env, params, dtype)
     keep = keep.expand(B, H, Q, KV)
 
+    live = keep.any(-1, keepdim=True)        # rows that keep a key; the others are 0, and so are their gradients
+
     def rows(op, x):
         x = x.expand(B, H, Q, KV)
-        if op is Op.ROWMAX:
-            return torch.where(keep, x, -math.inf).amax(-1, keepdim=True)
+        if op is Op.ROWMAX:                  # a row that keeps nothing: 0, not -inf, so nothing downstream is inf
+            return torch.where(live, torch.where(keep, x, -math.inf).amax(-1, keepdim=True), 0.0)
         return torch.where(keep, x, 0.0).sum(-1, keepdim=True)
 
     env["score"] = s
@@ -107,5 +111,6 @@ def reference(v: Variant, q, k, v_, scale: float, params: dict, sizes: dict, ret
     out = torch.matmul(weights.to(dtype), v_)
     if not return_lse:
         return out
-    lse = torch.logsumexp(torch.where(keep, s, -math.inf), dim=-1)
+    safe = torch.where(live, torch.where(keep, s, -math.inf), 0.0)
+    lse = torch.where(live.squeeze(-1), torch.logsumexp(safe, dim=-1), -math.inf)
     return out, lse
