@@ -59,9 +59,10 @@ _KERNELS = _LRU()       # Variant.key() -> Compiled
 _TABLES = _LRU()        # identity of a BlockMask, mask and captured tensors -> (tables or None, tensors held)
 
 
-def compiled_for(variant: Variant) -> Compiled:
-    """The Compiled of this IR. It keeps no captured tensors: every call passes the current ones."""
-    return _KERNELS.get_or(variant.key(), lambda: Compiled(dataclasses.replace(variant, captured={})))
+def compiled_for(variant: Variant, ir_key: str | None = None) -> Compiled:
+    """The Compiled of this IR (ir_key: variant.key(), if known). It keeps no captured tensors: every call
+    passes the current ones."""
+    return _KERNELS.get_or(ir_key or variant.key(), lambda: Compiled(dataclasses.replace(variant, captured={})))
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
@@ -86,9 +87,10 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     mask_mod, bm = _mask_mod_of(block_mask, query, key)
     variant = trace(score_mod, mask_mod, device=query.device)
     params = dict(variant.captured)
+    ir_key = variant.key()
     if bm is not None:
-        variant, params = _honour_tables(bm, variant, params, query, key)
-    out = compiled_for(variant)(query, key, value, scale=scale, return_lse=want_lse, **params)
+        variant, params, ir_key = _honour_tables(bm, variant, ir_key, params, query, key)
+    out = compiled_for(variant, ir_key)(query, key, value, scale=scale, return_lse=want_lse, **params)
     _check_gradients(out, query, key, value, params)
     if not want_lse:
         return out if return_aux is None else (out, torch_flex.AuxOutput())
@@ -163,19 +165,20 @@ def _check_gradients(out, query, key, value, params) -> None:
 
 
 # -- BlockMask tables --
-def _honour_tables(bm, variant: Variant, params: dict, query, key) -> tuple[Variant, dict]:
-    """The variant and params that compute what FlexAttention computes with this BlockMask."""
+def _honour_tables(bm, variant: Variant, ir_key: str, params: dict, query, key) -> tuple[Variant, dict, str]:
+    """The variant, params and IR key that compute what FlexAttention computes with this BlockMask."""
     B, H, Q, KV = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
     bq, bk = (int(x) for x in bm.BLOCK_SIZE)
     tensors = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, *params.values()]
     ident = _identity(tensors)
-    key_ = (variant.key(), B, H, Q, KV, bq, bk, ident)
+    key_ = (ir_key, B, H, Q, KV, bq, bk, ident)
     make = lambda: (_needed_tables(bm, variant, params, B, H, Q, KV, bq, bk), tensors)    # noqa: E731
     tables = (_TABLES.get_or(key_, make) if ident is not None else make())[0]
     if tables is None:
-        return variant, params
+        return variant, params, ir_key
     full, partial = tables
-    return _with_tables(variant, full, partial, bq, bk, B, H), {**params, **_table_params(variant, full, partial)}
+    with_tables = _with_tables(variant, full, partial, bq, bk, B, H)
+    return with_tables, {**params, **_table_params(variant, full, partial)}, with_tables.key()
 
 
 def _identity(tensors) -> tuple | None:
@@ -354,26 +357,20 @@ def blocks_agree(mask: Node | None, params: dict, sizes: dict, bq: int, bk: int,
     if mask is None:                                # all-true: no block may be left out
         return not unlisted.any()
     Bm, Hm = _bh(mask, sizes)
-    Bt, Ht = partial.shape[:2]
-    budget = AGREE_POINTS
-    for b in range(max(Bm, Bt)):
-        for h in range(max(Hm, Ht)):
-            cls = _interval_classes(mask, params, sizes, bq, bk, b if Bm > 1 else 0, h if Hm > 1 else 0)
-            f, u = listed_full[b if Bt > 1 else 0, h if Ht > 1 else 0], unlisted[b if Bt > 1 else 0, h if Ht > 1 else 0]
-            if (f & (cls == EMPTY)).any() or (u & (cls == FULL)).any():
-                return False
-            todo = (f | u) & (cls == PARTIAL)
-            tiles = todo.nonzero()
-            if not len(tiles):
-                continue
-            budget -= len(tiles) * bq * bk
-            if budget < 0:
-                return False
-            got = _settle(mask, params, sizes, bq, bk, b if Bm > 1 else 0, h if Hm > 1 else 0, tiles)
-            want = torch.where(f[tiles[:, 0], tiles[:, 1]], FULL, EMPTY).to(torch.int8)
-            if not torch.equal(got, want):
-                return False
-    return True
+    cls = torch.stack([torch.stack([_interval_classes(mask, params, sizes, bq, bk, b, h) for h in range(Hm)])
+                       for b in range(Bm)])         # [Bm, Hm, query blocks, key blocks], sound
+    if (listed_full & (cls == EMPTY)).any() or (unlisted & (cls == FULL)).any():
+        return False
+    need = (listed_full | unlisted) & (cls == PARTIAL)
+    need = need.any(0, keepdim=True) if Bm == 1 else need      # settled once where the mask ignores b
+    need = need.any(1, keepdim=True) if Hm == 1 else need
+    if int(need.sum()) * bq * bk > AGREE_POINTS:
+        return False                                # too costly to prove: the tables are kept, which is exact
+    exact = cls.expand(*need.shape).clone()
+    for b, h in {(b, h) for b, h in need.nonzero()[:, :2].tolist()}:
+        tiles = need[b, h].nonzero()
+        exact[b, h, tiles[:, 0], tiles[:, 1]] = _settle(mask, params, sizes, bq, bk, b, h, tiles)
+    return not ((listed_full & (exact != FULL)).any() or (unlisted & (exact != EMPTY)).any())
 
 
 def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,6 +433,7 @@ def _settle(mask: Node, params: dict, sizes: dict, bq: int, bk: int, b: int, h: 
         rows = torch.clamp(chunk[:, 0, None] * bq + torch.arange(bq), max=Q - 1)     # an edge block repeats
         cols = torch.clamp(chunk[:, 1, None] * bk + torch.arange(bk), max=KV - 1)    # its last row: harmless
         env.update(q_idx=rows[:, :, None], kv_idx=cols[:, None, :])
-        kept = evaluate(mask, env, params).expand(len(chunk), bq, bk).reshape(len(chunk), -1)
-        out.append(torch.where(kept.all(1), FULL, torch.where(kept.any(1), PARTIAL, EMPTY)).to(torch.int8))
+        kept = evaluate(mask, env, params).expand(len(chunk), bq, bk)
+        count = torch.count_nonzero(kept, dim=(1, 2))
+        out.append(torch.where(count == bq * bk, FULL, torch.where(count > 0, PARTIAL, EMPTY)).to(torch.int8))
     return torch.cat(out)

@@ -388,3 +388,31 @@ def test_flexattentions_one_block_mask_is_honoured_like_any_other():
                                           torch.zeros(1, 1, 1, 1, dtype=torch.int32), BLOCK_SIZE=flex.NO_BLOCKS,
                                           seq_lengths=(1, 1))
     assert torch.equal(attnc.flex_attention(q, k, v, block_mask=nothing), torch.zeros_like(q))
+
+
+def test_tables_per_batch_and_head_are_checked_per_batch_and_head(monkeypatch):
+    monkeypatch.setattr(flex, "_KERNELS", flex._LRU())
+    B, H, S = 2, 3, 160
+    g = generator(9)
+    doc = torch.sort(torch.randint(0, 4, (B, S), generator=g), dim=-1).values
+    widths = torch.tensor([5, 30, 70])
+
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[b, q_idx] == doc[b, kv_idx]) & ((q_idx - kv_idx).abs() < widths[h])
+
+    q, k, v = qkv(B, H, H, S, S)
+    keep = points(mask, B, H, S, S)
+    want = dense_attention(q, k, v, keep)[0]
+    bm = tf.create_block_mask(mask, B, H, S, S, device="cpu", BLOCK_SIZE=32)
+    assert torch.allclose(attnc.flex_attention(q, k, v, block_mask=bm), want, atol=1e-12)
+    assert not any(p.startswith("block_") for c in flex._KERNELS.values() for p in c.variant.params)
+    # one (b, h) whose tables leave out a block the mask keeps: the tables are honoured, for that pair only
+    partial = bm.to_dense().bool() & ~tf.BlockMask.from_kv_blocks(
+        bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=32).to_dense().bool()
+    full = bm.to_dense().bool() & ~partial
+    full[1, 2, 2, 2] = partial[1, 2, 2, 2] = False
+    cut = from_dense(partial, full, (32, 32), mask, (S, S))
+    keep_cut = table_keep(partial, full, keep, 32, 32, S, S)
+    assert not torch.equal(keep_cut, keep)
+    assert torch.allclose(attnc.flex_attention(q, k, v, block_mask=cut), dense_attention(q, k, v, keep_cut)[0],
+                          atol=1e-12)

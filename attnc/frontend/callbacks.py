@@ -108,9 +108,14 @@ def trace(score_mod=None, mask_mod=None, norm=None, consts: dict | None = None, 
                    dict(tracer.captured))
 
 
+_SOFTMAX: list[Node] = []     # the default normalizer, built once (nodes are immutable)
+
+
 def _norm(norm, consts: dict) -> tuple[Node, str]:
     if norm is None:
-        return softmax_norm(), "softmax"
+        if not _SOFTMAX:
+            _SOFTMAX.append(softmax_norm())
+        return _SOFTMAX[0], "softmax"
     if isinstance(norm, str):
         v = Resolver(consts).variant(f"norm = {norm}", "<norm>")
         if v.params:

@@ -14,6 +14,7 @@ from attnc.ir.expr import BOOL, FLOAT, INT, Node, Op
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BITS: dict[int, tuple[Node, tuple[Node, ...]]] = {}    # id(node) -> (node, its known bits), for one trace
+_PLACEHOLDERS: list[Node] = []                           # bitwise results of unknown width made in this trace
 INT_BITS = 31           # value bits of attnc's integers (int32, like every index expression's)
 
 
@@ -33,8 +34,9 @@ def fail(message: str, expected: str | None = None):
 
 
 def start() -> None:
-    """Forget the bits known from an earlier trace."""
+    """Forget the bits and placeholders of an earlier trace."""
     _BITS.clear()
+    _PLACEHOLDERS.clear()
 
 
 # -- node-level rules: each takes and returns IR nodes --
@@ -147,7 +149,9 @@ def _known_bits(n: Node) -> tuple[Node, ...] | None:
 
 
 def _lazy(op: str, srcs: tuple[Node, ...], k: int = 0) -> Node:
-    return Node(Op.CALL, srcs, ("bits", op, k), INT, user_loc())
+    n = Node(Op.CALL, srcs, ("bits", op, k), INT, user_loc())
+    _PLACEHOLDERS.append(n)
+    return n
 
 
 def _is_lazy(n: Node) -> bool:
@@ -304,6 +308,8 @@ def shift(left: bool):
 
 
 def no_placeholders(root: Node) -> None:
+    if not _PLACEHOLDERS:
+        return
     for n in root.walk():
         if _is_lazy(n):
             raise SpecError(f"'{n.arg[1]}' of integers whose width attnc cannot bound is used as a number (the IR "
