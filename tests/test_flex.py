@@ -416,3 +416,20 @@ def test_tables_per_batch_and_head_are_checked_per_batch_and_head(monkeypatch):
     assert not torch.equal(keep_cut, keep)
     assert torch.allclose(attnc.flex_attention(q, k, v, block_mask=cut), dense_attention(q, k, v, keep_cut)[0],
                           atol=1e-12)
+
+
+def test_a_mask_mod_reading_a_create_mask_tensor_traces():
+    B, H, S = 2, 2, 80
+    near = lambda b, h, q_idx, kv_idx: ((q_idx - kv_idx).abs() < 9 + 5 * h) & (kv_idx % (b + 2) == 0)   # noqa: E731
+    dense = tf.create_mask(near, B, H, S, S, device="cpu")
+
+    def from_dense_mask(b, h, q_idx, kv_idx):
+        return dense[b, h, q_idx, kv_idx]
+
+    q, k, v = qkv(B, H, H, S, S)
+    want = dense_attention(q, k, v, dense)[0]
+    assert torch.allclose(attnc.flex_attention(q, k, v, block_mask=from_dense_mask), want, atol=1e-12)
+    ours = attnc.create_block_mask(from_dense_mask, B, H, S, S, device="cpu", BLOCK_SIZE=16)
+    theirs = tf.create_block_mask(from_dense_mask, B, H, S, S, device="cpu", BLOCK_SIZE=16)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.full_kv_indices, theirs.full_kv_indices)
