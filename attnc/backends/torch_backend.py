@@ -230,7 +230,8 @@ class _Render:
             scaled = sc.scaled and self.plan.load(sc.operand).role != "q"
             returns.append(f"({sc.target}_all * sm_scale).to(out_dtype)" if scaled else f"{sc.target}_all.to(out_dtype)")
         for name in self.grad_params():
-            inits.append((f"grad_{name}", f"torch.zeros(p_{name}.shape, dtype=acc_dtype)"))
+            # a param's gradient sums every pair of every tile: in float64, so its rounding stays that of a pair
+            inits.append((f"grad_{name}", f"torch.zeros(p_{name}.shape, dtype=torch.float64)"))
             returns.append(f"grad_{name}")
         return inits, returns
 

@@ -3,7 +3,6 @@ attnc derived for it (passes/autodiff.py), on the same backend as the forward.""
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from attnc.errors import CallError
 
@@ -24,8 +23,10 @@ class _Attention(torch.autograd.Function):
         return res["out"]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dlse=None):
+        if torch.is_grad_enabled():          # backward(create_graph=True): a graph of the gradients is wanted
+            raise CallError("attnc differentiates once: its backward kernels are not differentiable themselves "
+                            "(double backward, create_graph=True, is not supported)")
         q, k, v, out, *rest = ctx.saved_tensors
         stats = dict(zip(ctx.stats, rest[:len(ctx.stats)]))
         params = dict(zip(ctx.names, rest[len(ctx.stats):]))
