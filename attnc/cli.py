@@ -139,12 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", metavar="FILE", help=spec)
     show.add_argument("--target", choices=TARGETS, default="torch", help="the backend whose kernel is shown")
     show.add_argument("--lse", action="store_true", help="the kernel that also returns the log-sum-exp")
+    show.add_argument("--backward", action="store_true",
+                      help="the backward kernels (the gradients of q, k, v and float params) instead of the forward")
 
-    from attnc.passes import PASS_NAMES
-    ir = command("ir", "print the cascade after each pass, with its pass count", cmd_ir, consts)
+    from attnc.backends import backend
+    from attnc.passes import BACKWARD_PASS_NAMES, PASS_NAMES
+    plan_names = ["plan"] + [n for t in TARGETS for n in backend(t).PLAN_PASSES]
+    stages = list(dict.fromkeys(PASS_NAMES + BACKWARD_PASS_NAMES + plan_names))
+    ir = command("ir", "print the cascade after each pass, with its pass count, then each kernel's plan", cmd_ir,
+                 consts)
     ir.add_argument("file", metavar="FILE", help=spec)
-    ir.add_argument("--after", choices=PASS_NAMES, default=None, metavar="PASS",
-                    help=f"stop after this pass: {', '.join(PASS_NAMES)} (default: all)")
+    ir.add_argument("--after", choices=stages, default=None, metavar="PASS",
+                    help=f"stop after this pass: the cascade's {', '.join(PASS_NAMES)} (backward: "
+                         f"{', '.join(BACKWARD_PASS_NAMES)}), then the plan's {', '.join(dict.fromkeys(plan_names))} "
+                         f"(default: all)")
+    ir.add_argument("--backward", action="store_true", help="the backward cascade and kernels")
+    ir.add_argument("--target", choices=TARGETS, default="torch", help="the backend whose plan passes are shown")
 
     check = command("check", "compare kernels with a float64 reference", cmd_check, consts, progress)
     check.add_argument("files", nargs="+", metavar="FILE",
@@ -154,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of the random inputs and params")
     check.add_argument("--json", action="store_true",
                        help="print one JSON object per check (file and shape) instead of the table")
+    check.add_argument("--grad", action="store_true",
+                       help="also check the gradients of q, k, v and every float param against autograd of the "
+                            "float64 reference")
 
     bench = command("bench", "time against FlexAttention, SDPA and eager", cmd_bench, consts, progress)
     bench.add_argument("file", metavar="FILE", help=spec)
@@ -248,7 +261,7 @@ def cmd_show(args) -> int:
     _need_target(args.target)
     attn = _compile(args.file, args)
     try:
-        text = attn.source(args.target, args.lse)
+        text = attn.source(args.target, args.lse, backward=args.backward)
     except NotImplementedError as e:
         raise UsageError(f"the {args.target} target cannot render this variant yet ({e})") from None
     print(text)
@@ -256,7 +269,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_ir(args) -> int:
-    print(_compile(args.file, args).ir(after=args.after, stages=True))
+    _need_target(args.target)
+    print(_compile(args.file, args).ir(after=args.after, stages=True, backward=args.backward, target=args.target))
     return 0
 
 
@@ -330,9 +344,18 @@ def _checks(attn, args, dtype) -> list:
     whose run() returns the same keys: err, bound, lse_err, lse_bound, ms, ok, why.
     """
     import torch
-    return [("oracle", shape, lambda shape=shape, i=i: check_one(
-                attn, shape, dtype, ATOL[args.dtype], torch.Generator().manual_seed(args.seed * 1009 + i)))
-            for i, shape in enumerate(SHAPES)]
+    from attnc.runtime import decode_check
+    seed = args.seed * 1009
+    out = [("oracle", shape, lambda shape=shape, i=i: check_one(
+                attn, shape, dtype, ATOL[args.dtype], torch.Generator().manual_seed(seed + i)))
+           for i, shape in enumerate(SHAPES)]
+    out.append(("decode_prefill", decode_check.SHAPE, lambda: decode_check.decode_matches_prefill(
+        attn, decode_check.SHAPE, dtype, ATOL[args.dtype], torch.Generator().manual_seed(seed + len(SHAPES)))))
+    if getattr(args, "grad", False):
+        out += [("grad", shape, lambda shape=shape, i=i: grad_one(
+                    attn, shape, dtype, ATOL[args.dtype], torch.Generator().manual_seed(seed + 100 + i)))
+                for i, shape in enumerate(GRAD_SHAPES)]
+    return out
 
 
 def _emit(args, record: dict, cells: list[str], progress: Progress) -> None:
@@ -375,6 +398,52 @@ def check_one(attn, shape, dtype, atol: float, g) -> dict:
         why.append("lse")
     return {"err": err, "bound": bound, "lse_err": lse_err, "lse_bound": lse_bound, "ms": ms, "ok": not why,
             "why": why}
+
+
+# gradients: the oracle's shapes without the single-query decode (ragged + GQA + Q != KV, and past a tile edge)
+GRAD_SHAPES = (SHAPES[1], (2, 2, 2, 129, 129, 32, 32))
+
+
+def grad_one(attn, shape, dtype, atol: float, g) -> dict:
+    """Gradients of q, k, v and every float param of a random linear loss of out and lse: the kernel's and the
+    same-dtype eager reference's, both against autograd of the float64 reference. err and bound are the
+    worst gradient's (flex attention's rule on each gradient, at its own scale); lse columns are not used."""
+    import torch
+    from attnc.runtime.inputs import random_inputs, random_params
+    B, H, HKV, Q, KV, D, Dv = shape
+    q, k, v = random_inputs(attn, B, H, HKV, Q, KV, D, Dv, dtype, g)
+    params = random_params(attn, B, H, HKV, Q, KV, D, g)
+    seed = int(torch.randint(0, 2 ** 31, (), generator=g))
+
+    def grads(fn, dt):
+        qq, kk, vv = (t.to(dt).detach().requires_grad_() for t in (q, k, v))
+        pp = {n: t.to(dt).detach().requires_grad_() if t.is_floating_point() else t for n, t in params.items()}
+        out, lse = fn(qq, kk, vv, return_lse=True, **pp)
+        w = torch.Generator().manual_seed(seed)
+        loss = (out * torch.randn(out.shape, generator=w).to(dt)).sum()
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * torch.randn(lse.shape, generator=w).to(lse.dtype)).sum()
+        loss.backward()
+        return {"q": qq.grad, "k": kk.grad, "v": vv.grad, **{n: pp[n].grad for n in pp if pp[n].is_floating_point()}}
+
+    got = grads(attn, dtype)                    # compiles the backward kernels; the second call is timed
+    t0 = time.perf_counter()
+    grads(attn, dtype)
+    ms = (time.perf_counter() - t0) * 1e3
+    ref, eager = grads(attn.reference, torch.float64), grads(attn.reference, dtype)
+    worst, why = (0.0, atol, 0.0), []
+    for name, r in ref.items():
+        if got[name] is None:
+            why.append(f"no gradient for {name}")
+            continue
+        err, eager_err = _max_err(got[name], r), _max_err(eager[name], r)
+        bound = max(_bound(eager_err, atol), 2e-5 * max(1.0, r.abs().max().item()) if dtype == torch.float32 else 0)
+        if not err <= bound:
+            why.append(f"d{name}")
+        ratio = err / bound if math.isfinite(err) else math.inf
+        if ratio >= worst[2]:
+            worst = (err, bound, ratio)
+    return {"err": worst[0], "bound": worst[1], "lse_err": math.nan, "lse_bound": math.nan, "ms": ms,
+            "ok": not why, "why": why}
 
 
 def _failure(e: Exception, target: str) -> tuple[str, str, str, int]:

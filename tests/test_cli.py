@@ -65,17 +65,17 @@ def test_ir_unknown_pass_is_a_usage_error(capsys):
 def test_check_causal_passes(capsys):
     code, out, err = run(capsys, "check", EXAMPLES / "causal.attn")
     assert code == 0, out + err
-    assert "4 ok, 0 failed" in out
+    assert "5 ok, 0 failed" in out
 
 
 def test_check_params_with_free_dims(capsys, tmp_path):
     # offsets[doc[q_idx]]: doc's values index offsets, so they must stay below offsets' length
     spec = tmp_path / "doc_start.attn"
-    spec.write_text("variant doc_start\nparam doc: i32[L]\nparam start: i32[NDOC]\n"
-                    "mask = kv_idx >= start[doc[q_idx]] and kv_idx <= q_idx\n")
+    spec.write_text("variant doc_start\nparam doc: i32[L]\nparam start: i32[NDOC]\nlet q_pos = q_idx + KV - Q\n"
+                    "mask = q_pos >= 0 and kv_idx >= start[doc[max(q_pos, 0)]] and kv_idx <= q_pos\n")
     code, out, err = run(capsys, "check", EXAMPLES / "t5_bias.attn", EXAMPLES / "document.attn", spec)
     assert code == 0, out + err
-    assert "12 ok, 0 failed" in out
+    assert "15 ok, 0 failed" in out
 
 
 def test_check_reports_a_wrong_kernel(capsys, monkeypatch):
@@ -231,15 +231,34 @@ def test_check_json(capsys, tmp_path):
     code, out, err = run(capsys, "check", "causal", EXAMPLES / "t5_bias.attn", "--json", "--seed", "3")
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert len(records) == 2 * len(cli.SHAPES)
-    for r, shape in zip(records, cli.SHAPES * 2):
+    from attnc.runtime.decode_check import SHAPE
+    per_file = [("oracle", s) for s in cli.SHAPES] + [("decode_prefill", SHAPE)]
+    assert len(records) == 2 * len(per_file)
+    for r, (check, shape) in zip(records, per_file * 2):
         assert set(r) == CHECK_KEYS
         assert r["status"] == "ok" and r["ok"] is True and r["why"] == [] and r["error"] is None
-        assert tuple(r["shape"].values()) == shape and r["check"] == "oracle"
+        assert tuple(r["shape"].values()) == shape and r["check"] == check
         assert 0 <= r["err"] <= r["bound"] and 0 <= r["lse_err"] <= r["lse_bound"] and r["ms"] > 0
         assert (r["target"], r["dtype"], r["seed"]) == ("torch", "fp32", 3)
-    assert [r["variant"] for r in records] == ["causal"] * 4 + ["t5_bias"] * 4
-    assert "8 ok, 0 failed" in err                  # the summary goes to stderr, stdout is only JSON
+    assert [r["variant"] for r in records] == ["causal"] * 5 + ["t5_bias"] * 5
+    assert "10 ok, 0 failed" in err                 # the summary goes to stderr, stdout is only JSON
+
+
+def test_check_grad_compares_gradients(capsys):
+    code, out, err = run(capsys, "check", "alibi", "--json", "--grad")
+    assert code == 0, err
+    grads = [json.loads(line) for line in out.splitlines() if json.loads(line)["check"] == "grad"]
+    assert len(grads) == len(cli.GRAD_SHAPES) and all(r["ok"] for r in grads)
+    assert all(0 <= r["err"] <= r["bound"] and r["lse_err"] is None for r in grads)
+
+
+def test_show_and_ir_of_the_backward(capsys):
+    code, out, err = run(capsys, "show", "alibi", "--backward")
+    assert code == 0 and "def attnc_alibi_bwd(" in out and "grad_slopes" in out
+    code, out, err = run(capsys, "ir", "alibi", "--backward", "--after", "autodiff")
+    assert code == 0 and "DQ[b,h,m,e]" in out and "d_slopes" in out
+    code, out, err = run(capsys, "ir", "sinks", "--backward", "--target", "triton")
+    assert code == 0 and "kernel attnc_sinks_bwd_dkdv (dkdv)" in out and "after cse (triton)" in out
 
 
 def test_check_json_reports_a_wrong_kernel(capsys, monkeypatch):
@@ -260,7 +279,7 @@ def test_check_counts_a_file_that_does_not_compile(capsys, tmp_path):
     bad.write_text("variant bad\nmask = q_idx >=\n")
     code, out, err = run(capsys, "check", "causal", bad)
     assert code == 2
-    assert "2 file(s), 5 check(s): 4 ok, 1 failed (torch, fp32); 1 file(s) did not compile" in out
+    assert "2 file(s), 6 check(s): 5 ok, 1 failed (torch, fp32); 1 file(s) did not compile" in out
     assert "CANNOT COMPILE" in out and f"{bad}:2:" in err
     code, out, err = run(capsys, "check", bad, "--json")
     (record,) = [json.loads(line) for line in out.splitlines()]
@@ -271,7 +290,7 @@ def test_check_counts_a_file_that_does_not_compile(capsys, tmp_path):
 def test_progress_only_when_asked_or_on_a_terminal(capsys):
     code, out, err = run(capsys, "check", "causal", "--json", "--progress")
     assert code == 0
-    assert err.count("checking causal") == len(cli.SHAPES)
+    assert err.count("checking causal") == len(cli.SHAPES) + 1       # the oracle at each shape, and decode equals prefill
     assert all(json.loads(line) for line in out.splitlines())
     code, out, err = run(capsys, "check", "causal", "--json")      # stderr is not a terminal here
     assert "checking" not in err
