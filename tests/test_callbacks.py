@@ -56,16 +56,19 @@ def t5(score, b, h, q_idx, kv_idx):
 # (the language, the callbacks, the params the language's form is called with)
 PAIRS = {
     "causal": ("variant causal\nmask = q_idx >= kv_idx", dict(mask_mod=causal), {}),
-    "alibi": ("variant alibi_causal\nparam SLOPES: f32[H]\nmask = q_idx >= kv_idx\nscore = score - SLOPES[h] * (q_idx - kv_idx)",
-              dict(score_mod=alibi, mask_mod=causal), {"SLOPES": SLOPES}),
+    "alibi": ("variant alibi_causal\nparam SLOPES: f32[H]\nmask = q_idx >= kv_idx\n"
+              "score = score - SLOPES[h] * (q_idx - kv_idx)", dict(score_mod=alibi, mask_mod=causal),
+              {"SLOPES": SLOPES}),
     "softcap": ("variant softcap\nscore = 30.0 * tanh(score / 30.0)", dict(score_mod=softcap), {}),
     "document": ("variant document\nparam DOC: i32[L]\nmask = q_idx >= kv_idx and DOC[q_idx] == DOC[kv_idx]",
                  dict(mask_mod=document), {"DOC": DOC}),
-    "sliding": ("variant sliding\nconst window = 256\nmask = q_idx >= kv_idx and q_idx - kv_idx < window", dict(mask_mod=sliding), {}),
+    "sliding": ("variant sliding\nconst window = 256\nmask = q_idx >= kv_idx and q_idx - kv_idx < window",
+                dict(mask_mod=sliding), {}),
     "prefix": ("variant prefix\nmask = q_idx >= kv_idx or kv_idx < 64", dict(mask_mod=prefix), {}),
-    "streaming": ("variant streaming\nmask = q_idx >= kv_idx and (q_idx - kv_idx < 256 or kv_idx < 4)", dict(mask_mod=streaming), {}),
-    "t5": ("variant t5\nparam REL_BIAS: f32[H, R]\nconst kv = 200\nscore = score + REL_BIAS[h, q_idx - kv_idx + kv - 1]",
-           dict(score_mod=t5), {"REL_BIAS": REL_BIAS}),
+    "streaming": ("variant streaming\nmask = q_idx >= kv_idx and (q_idx - kv_idx < 256 or kv_idx < 4)",
+                  dict(mask_mod=streaming), {}),
+    "t5": ("variant t5\nparam REL_BIAS: f32[H, R]\nconst kv = 200\n"
+           "score = score + REL_BIAS[h, q_idx - kv_idx + kv - 1]", dict(score_mod=t5), {"REL_BIAS": REL_BIAS}),
 }
 
 

@@ -305,8 +305,8 @@ def test_malformed_tables_are_refused_by_name():
                                         torch.tensor([[[[0, 0], [1, 0]]]], dtype=torch.int32), BLOCK_SIZE=32)
     with pytest.raises(attnc.CallError, match="twice"):
         attnc.flex_attention(q, k, v, block_mask=twice)
-    both = from_dense(torch.tensor([[[[True, False], [False, True]]]]), torch.tensor([[[[True, False], [False, False]]]]),
-                      (32, 32), None, (64, 64))
+    both = from_dense(torch.tensor([[[[True, False], [False, True]]]]),
+                      torch.tensor([[[[True, False], [False, False]]]]), (32, 32), None, (64, 64))
     with pytest.raises(attnc.CallError, match="both as full"):
         attnc.flex_attention(q, k, v, block_mask=both)
     negative = tf.BlockMask.from_kv_blocks(torch.tensor([[[1, 1]]], dtype=torch.int32),
