@@ -13,6 +13,7 @@ that is decided exactly, once per BlockMask and captured tensors."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -49,14 +50,22 @@ class _LRU(OrderedDict):
         if key in self:
             self.move_to_end(key)
             return self[key]
-        value = self[key] = make()
+        return self.put(key, make())
+
+    def put(self, key, value):
+        self[key] = value
         while len(self) > CACHE_SIZE:
             self.popitem(last=False)
         return value
 
 
+def _absent():
+    """The weak reference of an absent table (full_kv_* may be None): it too answers None."""
+    return None
+
+
 _KERNELS = _LRU()       # Variant.key() -> Compiled
-_TABLES = _LRU()        # identity of a BlockMask, mask and captured tensors -> (tables or None, tensors held)
+_TABLES = _LRU()        # identity of a BlockMask's and the mask's tensors -> (tables or None, weak references)
 
 
 def compiled_for(variant: Variant, ir_key: str | None = None) -> Compiled:
@@ -172,8 +181,14 @@ def _honour_tables(bm, variant: Variant, ir_key: str, params: dict, query, key) 
     tensors = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, *params.values()]
     ident = _identity(tensors)
     key_ = (ir_key, B, H, Q, KV, bq, bk, ident)
-    make = lambda: (_needed_tables(bm, variant, params, B, H, Q, KV, bq, bk), tensors)    # noqa: E731
-    tables = (_TABLES.get_or(key_, make) if ident is not None else make())[0]
+    hit = _TABLES.get(key_) if ident is not None else None
+    if hit is not None and all(ref() is t for ref, t in zip(hit[1], tensors)):
+        _TABLES.move_to_end(key_)
+        tables = hit[0]
+    else:
+        tables = _needed_tables(bm, variant, params, B, H, Q, KV, bq, bk)
+        if ident is not None:           # weak references: an id is trusted only while its tensor lives
+            _TABLES.put(key_, (tables, [weakref.ref(t) if t is not None else _absent for t in tensors]))
     if tables is None:
         return variant, params, ir_key
     full, partial = tables

@@ -433,3 +433,19 @@ def test_a_mask_mod_reading_a_create_mask_tensor_traces():
     theirs = tf.create_block_mask(from_dense_mask, B, H, S, S, device="cpu", BLOCK_SIZE=16)
     assert torch.equal(ours.to_dense(), theirs.to_dense())
     assert torch.equal(ours.full_kv_indices, theirs.full_kv_indices)
+
+
+def test_analysed_block_masks_are_not_kept_alive(monkeypatch):
+    import gc
+    import weakref
+    monkeypatch.setattr(flex, "_TABLES", flex._LRU())
+    q, k, v = qkv(1, 1, 1, 64, 64)
+    doc = torch.zeros(64, dtype=torch.int32)
+    bm = tf.create_block_mask(lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx], None, None, 64, 64,
+                              device="cpu", BLOCK_SIZE=32)
+    attnc.flex_attention(q, k, v, block_mask=bm)
+    assert len(flex._TABLES) == 1
+    gone = weakref.ref(bm.kv_indices)
+    del bm
+    gc.collect()
+    assert gone() is None
