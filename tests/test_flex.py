@@ -449,3 +449,12 @@ def test_analysed_block_masks_are_not_kept_alive(monkeypatch):
     del bm
     gc.collect()
     assert gone() is None
+
+
+def test_create_block_mask_computes_dq_write_order_like_torch():
+    mask = _masks()["sliding_window"]
+    kw = dict(device="cpu", BLOCK_SIZE=64, compute_dq_write_order=True, dq_kv_order=False)
+    ours, theirs = attnc.create_block_mask(mask, 1, 2, 300, 300, **kw), tf.create_block_mask(mask, 1, 2, 300, 300, **kw)
+    assert torch.equal(ours.dq_write_order, theirs.dq_write_order)
+    assert torch.equal(ours.dq_write_order_full, theirs.dq_write_order_full)
+    assert ours.dq_kv_order_spt == theirs.dq_kv_order_spt
