@@ -1,6 +1,9 @@
 """Variant -> naive cascade: every row statistic a complete reduction, weights materialized, then P·V."""
 from __future__ import annotations
 
+import math
+
+from attnc.errors import SpecError
 from attnc.frontend.variant import Variant
 from attnc.ir import expr as E
 from attnc.ir.cascade import Cascade, Einsum, tensor
@@ -11,6 +14,9 @@ IDENTITY = {Op.ROWMAX: E.NEG_INF, Op.ROWSUM: E.ZERO}
 
 
 def lower(v: Variant, lse: bool = False) -> Cascade:
+    if v.norm.op is Op.CONST and not math.isfinite(float(v.norm.arg)):
+        raise SpecError(f"the normalizer is the constant {v.norm.arg}: every weight would be {v.norm.arg}",
+                        v.norm.loc, "a finite weight, or an expression of score")
     stmts = [Einsum("QK", ("b", "h", "m", "n"), E.make(Op.MUL, tensor("Q"), tensor("K")), "+", ("e",), role="qk")]
     stmts.append(Einsum("S", ("b", "h", "m", "n"), E.substitute(v.score, {E.SCORE: tensor("QK") * SCALE}),
                         role="score"))

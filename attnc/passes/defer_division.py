@@ -46,6 +46,8 @@ def weight_of(c: Cascade) -> Node:
     """The weight w in O = w * V, a weight statement inlined. A read of the score stays a read: the score is
     the plan's score hook (its scale is folded into q), so its body must not be split here."""
     o, v = c.role("output"), tensor(c.input("v").name)
+    if o.body == v:                          # O = sum_n V: every weight is 1
+        return E.const(1.0)
     a, b = o.body.src if o.body.op is Op.MUL else (o.body, None)
     w = a if b == v else b if a == v else canonical(o.body / v)
     if w.op is Op.TENSOR and c.role_of(w.arg) != "score" and c.get(w.arg).reduce is None:

@@ -1,7 +1,7 @@
 """online: complete reductions over n -> running reductions carried across key tiles (FlashAttention-2).
 
 A max statistic R whose every consumer that iterates n is a sum with summand exp(c*(x - R)) * G, G free of
-R, becomes a running max; each such sum runs too, rescaled by exp(c*(R_old - R_new)) whenever R moves.
+R and c >= 0, becomes a running max; each such sum runs too, rescaled by exp(c*(R_old - R_new)) whenever R moves.
 A sum whose consumers do not iterate n runs as it is. Anything else stays a complete reduction and costs
 another pass over the keys; the pass says which statistic and why.
 """
@@ -48,6 +48,11 @@ def online(c: Cascade) -> Cascade:
             if f is None:
                 notes.append(f"{user.name} uses {s.name} inside an n-loop in a form that is not "
                              f"exp(c*(x - {s.name})) * rest: {s.name} needs its own pass over the keys")
+                plan = {}
+                break
+            if f < 0:       # exp(-c (R_old - R_new)) is exp(+inf) while R_old is still -inf: no rescale then
+                notes.append(f"{user.name} grows with {s.name} (exp({f:g}*(x - {s.name}))): {s.name} is "
+                             f"computed first, in a pass over the keys of its own")
                 plan = {}
                 break
             plan[user.name] = f

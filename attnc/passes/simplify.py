@@ -77,22 +77,27 @@ CONTRACTIONS = ("qk", "dp")     # products of two inputs reduced over a head dim
 def simplify(c: Cascade) -> Cascade:
     ranks = {t.name: t.ranks for t in c.inputs}
     keep = tuple(s.name for s in c.stmts if s.role in KEEP)
-    rename: dict[Node, Node] = {}
+    rename: dict[str, Node] = {}          # a statement read by name -> what to read instead
+
+    def renamed(n: Node) -> Node | None:
+        return rename.get(n.arg) if n.op is Op.TENSOR else None
     seen: dict[tuple, str] = {}
     out: list[Einsum] = []
     for s in c.stmts:
-        body = E.substitute(s.body, rename) if rename else s.body
+        body = E.substitute(s.body, renamed) if rename else s.body
         body = body if s.role in CONTRACTIONS else simplify_body(body)
         if body.op in (Op.TENSOR, Op.CONST) and s.reduce is None and s.name not in c.outputs + keep:
-            rename[tensor(s.name, s.body.dtype)] = body          # a copy or a constant: read it directly
+            rename[s.name] = body                                    # a copy or a constant: read it directly
             continue
-        key = (body, s.reduce, s.over, s.running, s.rescale)
+        key = (body, s.reduce, s.over, s.running, s.rescale, s.role, s.param)
         if key in seen and s.name not in c.outputs:
-            rename[tensor(s.name, body.dtype)] = tensor(seen[key], body.dtype)     # X = Y, same body -> one
+            rename[s.name] = tensor(seen[key], body.dtype)        # X = Y, same body -> one
             continue
         seen[key] = s.name
         s = s.replace(body=body)
-        s = s.replace(ranks=rank_of(ranks, s))
+        # an output keeps its shape even when its value is constant along some rank, and so does the score:
+        # it is a value per pair (the plan's score hook), which the weights read inside the loop over keys
+        s = s.replace(ranks=s.ranks if s.name in c.outputs or s.role in KEEP else rank_of(ranks, s))
         ranks[s.name] = s.ranks
         out.append(s)
     return c.replace(stmts=tuple(drop_unused(out, c.outputs)))
