@@ -11,11 +11,13 @@ def _assigns(lines, indent: str = "    ") -> list[str]:
     return [f"{indent}{n} = {expr_text(e)}" for n, e in lines]
 
 
-def plan_text(plan: KernelPlan) -> str:
+def plan_text(plan: KernelPlan, blocks: str | None = None) -> str:
+    """The plan; blocks says how a call picks the tile sizes (the plan's own are the defaults)."""
     par, loop = plan.parallel, plan.loop
-    bp, bl = (plan.block_m, plan.block_n) if par == "m" else (plan.block_n, plan.block_m)
-    out = [f"kernel {plan.name} ({plan.kind}): programs over {RANK_WORDS[par]} tiles of {bp} ({par}), "
-           f"sweeping {RANK_WORDS[loop]} tiles of {bl} ({loop})"]
+    sizes = {"m": "BLOCK_M", "n": "BLOCK_N"}
+    out = [f"kernel {plan.name} ({plan.kind}): programs over {RANK_WORDS[par]} tiles of {sizes[par]} ({par}), "
+           f"sweeping {RANK_WORDS[loop]} tiles of {sizes[loop]} ({loop}); "
+           + (f"tiles {blocks}" if blocks else f"tiles {plan.block_m}x{plan.block_n}")]
 
     def tile(x) -> str:
         return f"{x.name}[{x.rank}{', ' + x.width if x.width else ''}]"
@@ -43,7 +45,8 @@ def plan_text(plan: KernelPlan) -> str:
             what = {"max": "running max of", "sum": "running sum of", "argmax": "first key index of the max of",
                     "dot": "running sum of"}[s.kind]
             rhs = f"{expr_text(s.value)}{' @ ' + s.operand if s.operand else ''}"
-            scale = ("  rescaled by " + " * ".join(f"exp({c:g}*({m}_old - {m}))" for m, c in s.rescale)
+            exp = "exp2" if plan.base2 else "exp"
+            scale = ("  rescaled by " + " * ".join(f"{exp}({c:g}*({m}_old - {m}))" for m, c in s.rescale)
                      if s.rescale else "")
             out.append(f"    {s.name}: {what} {rhs}{scale}")
         for s in p.scatters:
