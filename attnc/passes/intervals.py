@@ -281,12 +281,16 @@ def int_ranges(root: Node, leaf, limit: bool, out: dict | None = None) -> dict[N
     them. limit: raise IntOverflow at the first integer node whose range leaves [INT_MIN, INT_MAX].
     out: ranges already known (shared between the expressions of one call)."""
     out = {} if out is None else out
-    for n in root.walk():
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:                        # children first; a subexpression already known is not entered again
+        n, ready = stack.pop()
         if n in out:
             continue
-        if n.dtype == E.FLOAT:
+        if not ready:
+            stack.append((n, True))
+            stack.extend((s, False) for s in n.src if s not in out)
             continue
-        r = _int_node(n, out, leaf)
+        r = None if n.dtype == E.FLOAT else _int_node(n, out, leaf)
         if limit and n.dtype == E.INT and not (E.INT_MIN <= r[0] and r[1] <= E.INT_MAX):
             raise IntOverflow(n, *r)
         out[n] = r

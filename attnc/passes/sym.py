@@ -40,16 +40,13 @@ def _number(op: Op, x: sympy.Expr) -> sympy.Expr | None:
     return sympy.Float(v) if v is not None and math.isfinite(v) else None
 
 
-def _tame(x: sympy.Expr) -> bool:
-    """x holds only numbers a backend prints as they are: normal finite floats, integers within int64."""
-    for a in x.atoms(sympy.Number):
-        if a.is_Integer and abs(int(a)) >= 2 ** 63:
-            return False
-        if a.is_Rational and not a.is_Integer and (abs(a.p) >= 2 ** 63 or abs(a.q) >= 2 ** 63):
-            return False
-        if not a.is_finite or (a.is_Float and not (a == 0 or E.FLOAT_TINY <= abs(float(a)) <= FLOAT_MAX)):
-            return False
-    return not x.has(sympy.zoo, sympy.nan)
+def _tame_number(a: sympy.Expr) -> bool:
+    """A number a backend prints as it is: a normal finite float, an integer (or ratio of them) within int64."""
+    if a is sympy.zoo or a is sympy.nan or not a.is_finite:
+        return False
+    if a.is_Rational:
+        return abs(a.p) < 2 ** 63 and abs(a.q) < 2 ** 63
+    return not a.is_Float or a == 0 or E.FLOAT_TINY <= abs(float(a)) <= FLOAT_MAX
 
 
 class SymMap:
@@ -59,6 +56,7 @@ class SymMap:
         self.to_node: dict[sympy.Symbol, Node] = {}
         self.to_sym: dict[Node, sympy.Symbol] = {}
         self.memo: dict[Node, sympy.Expr] = {}
+        self.tame: set[sympy.Expr] = set()           # subexpressions known to hold only printable numbers
 
     def symbol(self, n: Node, name: str | None = None) -> sympy.Symbol:
         if n not in self.to_sym:
@@ -99,12 +97,29 @@ class SymMap:
             out = x[0] ** n.src[1].arg
         elif op in _FUNCS:
             out = _FUNCS[op](x[0]) if not x[0].is_number else _number(op, x[0])
-        if out is not None and _tame(out):
+        if out is not None and self._tame(out):
             return out
         # opaque: convert operands on their own, then name the rebuilt node. So is arithmetic sympy would
         # fold into no number (x / 0), into one past float64 or int64, or spend unbounded time on
         srcs = tuple(self.back(x[i], s.dtype) for i, s in enumerate(n.src))
         return self.symbol(Node(op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc) if srcs else n)
+
+    def _tame(self, x: sympy.Expr) -> bool:
+        """x holds only numbers a backend prints as they are (each subexpression looked at once per map)."""
+        stack = [(x, False)]
+        while stack:
+            y, ready = stack.pop()
+            if y in self.tame:
+                continue
+            if y.is_Number or y is sympy.zoo or y is sympy.nan:
+                if not _tame_number(y):
+                    return False
+            elif not ready:                         # its arguments first, then itself
+                stack.append((y, True))
+                stack.extend((a, False) for a in y.args)
+                continue
+            self.tame.add(y)
+        return True
 
     # -- sympy -> Node --
     def back(self, x: sympy.Expr, want: str = FLOAT) -> Node:
