@@ -17,7 +17,7 @@ from torch.nn.attention import flex_attention as tf
 
 import attnc
 
-attn_gym = pytest.importorskip("attn_gym")
+attn_gym = pytest.importorskip("attn_gym", reason="attention-gym is not installed: pip install --no-deps attn-gym")
 from attn_gym.masks import (  # noqa: E402
     batchify_mask_mod, build_tree_ancestor_matrix, causal_mask, create_vsa_block_mask, create_vsa_flash_block_mask,
     generate_block_diffusion_mask, generate_dilated_sliding_window, generate_doc_mask_mod,
