@@ -488,6 +488,18 @@ def test_integer_exponents_that_are_not_constants_make_floats():
     matches_reference(attn)
 
 
+def test_a_mask_through_log_of_a_negative_range_keeps_its_keys():
+    # log over a tile whose range reaches below 0 has NaN as a bound: block sparsity once read that as
+    # "never true" and skipped tiles the mask keeps
+    for text in ["variant x\nmask = log(q_idx - 1.5) + 2.0 > kv_idx * 0.5\n",
+                 "variant x\nparam widths: i32[H]\nlet q_pos = log(q_idx ** KV)\n"
+                 "mask = q_pos >= kv_idx and q_pos - kv_idx < widths[h]\n"]:
+        attn = attnc.compile(text)
+        for shape in [(1, 2, 1, 5, 7, 4), (2, 2, 2, 9, 4, 8), (1, 2, 2, 40, 33, 4)]:
+            widths = {"widths": torch.tensor([3, 5], dtype=torch.int32)} if "widths" in text else {}
+            matches_reference(attn, shape=shape, params=widths or None)
+
+
 # -- 7. the call-time bounds check computes exactly what a kernel computes, or refuses --
 
 def test_int32_wraparound_in_an_index_is_refused():

@@ -138,8 +138,8 @@ class Resolver:
         raw = st.value
         if not raw.endswith(".attn") or any(not ch.isprintable() for ch in raw) or Path(raw).is_absolute():
             raise SpecError(f"cannot import {raw!r}", st.loc, IMPORT_WORDS)
-        base = Path(sc.file).resolve().parent if sc.file not in ("<string>", "<callback>") else Path.cwd().resolve()
         try:
+            base = Path(sc.file).resolve().parent if sc.file not in ("<string>", "<callback>") else Path.cwd().resolve()
             path = (base / raw).resolve()               # after symlinks: where the bytes really are
         except (OSError, RuntimeError):
             raise SpecError(f"cannot import {raw!r}: its path does not resolve", st.loc, IMPORT_WORDS) from None

@@ -44,7 +44,10 @@ class Interp:
         if n not in self.memo:
             for x in n.walk():                  # children first: _eval never recurses more than a level
                 if x not in self.memo:
-                    r = self._eval(x)
+                    lo, hi = self._eval(x)
+                    # a NaN bound (log of a range reaching below 0) claims nothing: as a bound it would make
+                    # every comparison false, and a tile where the mask holds would be called empty
+                    r = torch.nan_to_num(lo, nan=-INF), torch.nan_to_num(hi, nan=INF)
                     self.memo[x] = _exact_ints(r) if x.dtype == E.INT else r
         return self.memo[n]
 
