@@ -11,6 +11,7 @@ int32 rule depends on the sizes and params of a call, so the call-time check app
 proven ones included (for those it is a few integer operations on the sizes)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -122,6 +123,7 @@ def _unknown(n: Node) -> tuple:
     return (0, 1) if n.dtype == "bool" else (-INF, INF)
 
 
+@functools.lru_cache(maxsize=4096)         # callbacks are traced at every call: their Variants come back often
 def provably_nonzero(d: Node) -> bool:
     """d is not 0 anywhere in the domain, for every size and param value: an affine form whose sign sympy
     proves (KV - kv_idx), or a range that excludes 0 (max(w[h], 1))."""
