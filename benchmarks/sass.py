@@ -78,6 +78,7 @@ class Kernel(NamedTuple):
     signature: dict
     constexprs: dict
     attrs: dict
+    kind: str = ""          # forward, merge, preprocess, dq, dkdv: what a row is compared with
 
 
 # -- what a launch passes --
@@ -104,7 +105,7 @@ def recorded_launches(scope: dict, launch) -> list[tuple]:
     return calls
 
 
-def specialized(kernel, args: tuple, kwargs: dict, label: str | None = None) -> Kernel:
+def specialized(kernel, args: tuple, kwargs: dict, label: str | None = None, kind: str = "") -> Kernel:
     """The signature, constants and divisibility attributes triton's launcher derives from these arguments;
     labelled with the kernel's name unless told."""
     import triton
@@ -117,13 +118,13 @@ def specialized(kernel, args: tuple, kwargs: dict, label: str | None = None) -> 
     bound, spec, _ = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
     values = list(bound.values())
     signature, constexprs, attrs = {}, {}, {}
-    for i, (p, (kind, attr)) in enumerate(zip(fn.params, spec)):
-        signature[p.name] = kind
-        if kind == "constexpr":
+    for i, (p, (ty, attr)) in enumerate(zip(fn.params, spec)):
+        signature[p.name] = ty
+        if ty == "constexpr":
             constexprs[(i,)] = values[i]
         elif isinstance(attr, str):
             attrs[(i,)] = backend.parse_attr(attr)
-    return Kernel(label or fn.__name__, fn, signature, constexprs, attrs)
+    return Kernel(label or fn.__name__, fn, signature, constexprs, attrs, kind)
 
 
 def _backend():
@@ -158,8 +159,8 @@ def attnc_kernels(compiled, config: Config) -> list[Kernel]:
     out = []
     for kernel in compiled._compiled("triton", config.lse, backward):
         plan = kernel.plan
-        cls = plan.sparsity.classify(sizes, params, config.block_m, config.block_n)
-        blocks = triton_launch.block_lists(cls if plan.parallel == "m" else cls.t(), "meta")
+        cls = triton_launch.plan_tiles(plan, sizes, params, config.block_m, config.block_n)
+        blocks = triton_launch.block_lists(cls, "meta")
         scope = triton_launch.load_module(kernel.source, plan.name)
         args = {x.name: tensors[x.tensor] for x in plan.loads} | {f"p_{p.name}": meta[p.name] for p in plan.params}
 
@@ -169,20 +170,34 @@ def attnc_kernels(compiled, config: Config) -> list[Kernel]:
                                    DOT_DTYPE=dot, DTYPE=dtype,
                                    sizes=dict(sizes, Dv=D))
             tensors.update(zip(plan.results(), got))
-        out += [specialized(*call) for call in recorded_launches(scope, launch)]
+        for call in recorded_launches(scope, launch):
+            merge = call[0] is scope.get(f"{plan.name}_merge")
+            out.append(specialized(*call, kind="merge" if merge else plan.kind))
     return out
 
 
+FA2_KINDS = {"fa2_fwd_kernel": "forward", "fa2_bwd_preprocess_kernel": "preprocess", "fa2_bwd_dq_kernel": "dq",
+             "fa2_bwd_dkdv_kernel": "dkdv"}
+
+
 def fa2_kernels(causal: bool, config: Config) -> list[Kernel]:
-    """The yardstick's forward kernel at config's shape."""
+    """The yardstick's kernels of config's direction at its shape (the backward: preprocess, dQ, dK/dV)."""
     import fa2
-    if config.direction != "fwd":
-        raise ValueError(f"the yardstick has no {config.direction} kernel")
-    q, k, v = (torch.empty(config.batch, config.heads, config.seq, config.head_dim, dtype=DTYPES[config.dtype],
-                           device="meta") for _ in range(3))
-    launches = recorded_launches(vars(fa2), lambda: fa2.attention(q, k, v, causal, BLOCK_M=config.block_m,
-                                                                   BLOCK_N=config.block_n))
-    return [specialized(*call, label="FA2 causal" if causal else "FA2") for call in launches]
+    shape = (config.batch, config.heads, config.seq, config.head_dim)
+    q, k, v, out, do = (torch.empty(shape, dtype=DTYPES[config.dtype], device="meta") for _ in range(5))
+    lse = torch.empty(shape[:3], dtype=torch.float32, device="meta")
+    tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+    if config.direction == "fwd":
+        launches = recorded_launches(vars(fa2), lambda: fa2.attention(q, k, v, causal, **tiles))
+    else:
+        launches = recorded_launches(vars(fa2), lambda: fa2.attention_backward(q, k, v, out, lse, do, causal,
+                                                                                **tiles))
+    rows = []
+    for call in launches:
+        kind = FA2_KINDS[call[0].__name__]
+        label = " ".join(["FA2"] + ["causal"] * causal + [kind] * (config.direction != "fwd"))
+        rows.append(specialized(*call, label=label, kind=kind))
+    return rows
 
 
 # -- compiling and reading the machine code --
@@ -244,7 +259,7 @@ def rows_of(job: str, config: Config) -> list[dict]:
         return [{"name": name, "kernel": None, "error": _short(e)}]
     rows = []
     for kernel in kernels:
-        row = {"name": name, "kernel": kernel.label, "yardstick": yardstick}
+        row = {"name": name, "kernel": kernel.label, "kind": kernel.kind, "yardstick": yardstick}
         try:
             ck = cubin(kernel, config)
             row.update(measure(ck.asm["cubin"]), shared=ck.metadata.shared)
@@ -283,8 +298,9 @@ COLUMNS = [("kernel", "kernel"), ("registers", "registers"), ("spills", "spills 
 
 
 def table(rows: list[dict]) -> list[list[str]]:
-    """Header and one line per row; "vs" is SASS over the row's yardstick (causal FA2 for masked variants)."""
-    by_name = {r["name"]: r for r in rows if r["name"] in YARDSTICKS and "error" not in r}
+    """Header and one line per row; "vs" is SASS over the row's yardstick (causal FA2 for masked variants),
+    kernel for kernel of the same kind (forward; preprocess, dq, dkdv)."""
+    by_name = {(r["name"], r["kind"]): r for r in rows if r["name"] in YARDSTICKS and "error" not in r}
     out = [[title for _, title in COLUMNS]]
     for r in rows:
         label = (r["name"] if r["kernel"] is None else f"{r['kernel']} (yardstick)" if r["name"] in YARDSTICKS
@@ -292,7 +308,7 @@ def table(rows: list[dict]) -> list[list[str]]:
         if "error" in r:
             out.append([label, "failed"] + [""] * (len(COLUMNS) - 2))
             continue
-        ref = by_name.get(r.get("yardstick") or "")
+        ref = by_name.get((r.get("yardstick") or "", r["kind"]))
         vs = f"{r['sass'] / ref['sass']:.2f}x{' (causal)' if r['yardstick'] == 'fa2_causal' else ''}" if ref else ""
         out.append([label] + [str(r[c]) for c, _ in COLUMNS[1:-1]] + [vs])
     return out
@@ -340,8 +356,7 @@ def main(argv=None) -> int:
     config = Config(a.direction, a.dtype, a.head_dim, a.block_m, a.block_n, a.warps, a.stages, seq=a.seq,
                     lse=not a.no_lse, specialize=not a.no_specialize, splits=a.splits)
     files = a.files or sorted(EXAMPLES.glob("*.attn"))
-    yardsticks = list(YARDSTICKS) if a.direction == "fwd" else []
-    rows = run(yardsticks + [str(f) for f in files], config, a.jobs)
+    rows = run(list(YARDSTICKS) + [str(f) for f in files], config, a.jobs)
     result = {"config": asdict(config), "described": config.describe(), "rows": rows}
     if a.out is not None:
         a.out.write_text(json.dumps(result, indent=1) + "\n")
