@@ -100,6 +100,15 @@ def test_block_sparsity_skips_empty_tiles_and_the_mask_on_full_ones(name, consts
     check_against_oracle(attn, q, k, v, params, floor=FP32_FLOOR)
 
 
+# lengths that are multiples of the tiles compile without any bounds check (CHECK_M, CHECK_N off), head dims
+# that are powers of two without the head-dim masks (PAD_D, PAD_DV off); a padded head dim keeps its masks
+@pytest.mark.parametrize("shape", [(2, 2, 1, 64, 96, 16, 16), (1, 2, 2, 64, 64, 24, 40), (1, 2, 1, 64, 45, 16, 16)],
+                         ids=["even", "even_padded_head_dims", "even_queries_ragged_keys"])
+@pytest.mark.parametrize("name", ["full", "causal", "t5_bias", "document"])
+def test_unchecked_tiles_match_the_oracle(name, shape):
+    run_check(compiled(name), shape, seed=4)
+
+
 def test_strided_inputs_and_params():
     attn = compiled("t5_bias")
     q, k, v, params = inputs(attn, SHAPES["ragged_gqa"], seed=3)
@@ -191,9 +200,10 @@ def test_scores_not_folded_to_base_2_use_exp2_times_log2e():
 
 
 def test_param_loads_are_masked_to_the_rows_and_columns_that_exist():
+    # checked where a tile may run past N_Q or N_KV (CHECK_M, CHECK_N: constexprs the launcher sets per call)
     src = compiled("t5_bias").source("triton")
-    assert "tl.load(p_rel_bias + off_h * stride_rel_bias_0 + (" in src
-    assert " * stride_rel_bias_1, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_KV), other=0)" in src
+    assert "load_checked(p_rel_bias + off_h * stride_rel_bias_0 + (" in src
+    assert " * stride_rel_bias_1, offs_m[:, None] < N_Q, offs_n[None, :] < N_KV, CHECK_M, CHECK_N, 0)" in src
 
 
 # -- compiled for a GPU without one: what the interpreter forgives --

@@ -46,16 +46,29 @@ NEG_INF = 'float("-inf")'
 # how the indices print, by the plan's parallel rank: rows are the parallel rank's tile
 INDEX_VARS = {"m": {"b": "off_b", "h": "off_h", "q_idx": "offs_m[:, None]", "kv_idx": "offs_n[None, :]"},
               "n": {"b": "off_b", "h": "off_h", "q_idx": "offs_m[None, :]", "kv_idx": "offs_n[:, None]"}}
-BOUNDS = {"q_idx": "offs_m{} < N_Q", "kv_idx": "offs_n{} < N_KV"}
+# an index's length and the constexpr that says whether the code at hand may see it past that length
+CHECKS = (("q_idx", "N_Q", "CHECK_M"), ("kv_idx", "N_KV", "CHECK_N"))
 _ATOM_TEXT = re.compile(r"[A-Za-z_]\w*(\[[^\]]*\])?|\d+")
 WIDTH = {"e": ("offs_d", "BLOCK_DMODEL", "HEAD_DIM"), "f": ("offs_dv", "BLOCK_DV", "HEAD_DIM_V")}
 
 
-def target_for(parallel: str, alias: dict[str, str] | None = None) -> Target:
+def target_for(parallel: str, alias: dict[str, str] | None = None, rows: frozenset = frozenset()) -> Target:
     """The printing rules for a plan over `parallel`'s tiles: indices and param reads in its orientation;
-    alias: plan values printed by another name (s as qk when the score is the logit itself)."""
+    alias: plan values printed by another name (s as qk when the score is the logit itself); rows: the plan
+    values that hold one number per row of the tile (row statistics, row loads, program values)."""
     index = INDEX_VARS[parallel]
     alias = alias or {}
+    per_row_index = {"b", "h", "q_idx" if parallel == "m" else "kv_idx"}
+
+    def per_row(n: Node) -> bool:
+        """n is one value per row of the tile (or one for the whole tile)."""
+        return all(x.arg in rows if x.op is Op.TENSOR else x.arg in per_row_index if x.op is Op.INDEX else True
+                   for x in n.walk())
+
+    def custom(n: Node, parts: list[str]) -> tuple[str, int] | None:
+        if n.op is Op.DIVZ and per_row(n.src[1]) and not per_row(n.src[0]):
+            return f"divz_rows({parts[0]}, {parts[1]})", ATOM      # the divisor's reciprocal once per row
+        return None
 
     def leaf(n: Node) -> str:
         if n.op is Op.CONST:
@@ -76,12 +89,13 @@ def target_for(parallel: str, alias: dict[str, str] | None = None) -> Target:
         idx = [i if _ATOM_TEXT.fullmatch(i) else f"({i})" for i in idx]     # each index multiplies its stride
         offset = " + ".join(f"{i} * stride_{n.arg}_{d}" for d, i in enumerate(idx))
         free = E.free_indices(n)
-        bounds = [f"({index[ix].split('[')[0]}{index[ix][len(index[ix].split('[')[0]):]} < {lim})"
-                  for ix, lim in (("q_idx", "N_Q"), ("kv_idx", "N_KV")) if ix in free]
-        mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
         cast = ".to(tl.float32)" if n.dtype == E.FLOAT else ""
-        return f"tl.load(p_{n.arg} + {offset}{mask}){cast}"
-    return Target(TABLE, leaf, load)
+        if not free & {"q_idx", "kv_idx"}:
+            return f"tl.load(p_{n.arg} + {offset}){cast}"
+        oks = [f"{index[ix]} < {lim}" if ix in free else "None" for ix, lim, _ in CHECKS]
+        flags = [flag if ix in free else "False" for ix, _, flag in CHECKS]
+        return f"load_checked(p_{n.arg} + {offset}, {', '.join(oks)}, {', '.join(flags)}, 0){cast}"
+    return Target(TABLE, leaf, load, custom=custom)
 
 
 def _reads(e: Node) -> set[str]:
@@ -101,7 +115,7 @@ class _Render:
         self.loop = plan.loop
         s_var = plan.lines["score"][1]["s"] if plan.score is not None else "s"
         self.alias = {"s": s_var} if s_var != "s" else {}
-        self.t = target_for(self.par, self.alias)
+        self.t = target_for(self.par, self.alias, frozenset(self.row_values()))
         self.lines = plan.lines
         self.exp_base2 = plan.base2
         self.scaled = scaled_names(plan) if plan.base2 else set()
@@ -111,6 +125,20 @@ class _Render:
 
     def text(self, e: Node) -> str:
         return self.t.text(e)
+
+    def row_values(self) -> set[str]:
+        """Plan values with one number per row of the tile: row loads, the prologue's, Δ, the states that
+        are not products, the references of running maxima, values after a pass and in the epilogue."""
+        plan = self.plan
+        out = {x.name for x in plan.loads if x.width is None}
+        out |= {n for n, _ in plan.prologue} | {n for n, _, _ in plan.rowdots} | {n for n, _ in plan.epilogue}
+        for p in plan.passes:
+            out |= {st.name for st in p.states if st.kind != "dot"} | {f"{m.name}_ref" for m in p.maxes}
+            out |= {n for n, _ in p.after}
+        for region, (lines, _) in self.plan.lines.items():
+            if region in ("prologue", "epilogue") or isinstance(region, tuple) and region[1] == "after":
+                out |= {n for n, _ in lines}
+        return out
 
     def names(self, region) -> tuple[list, dict[str, str]]:
         """A cse region's lines, and its roots' variables as printed (aliases resolved)."""
@@ -157,27 +185,36 @@ class _Render:
         return "off_hkv" if x.role in ("k", "v") else "off_h"
 
     def load_line(self, x, at: str, transposed: bool) -> str:
-        """A matrix tile of input x: rows from x's rank, columns its head dim (transposed: [dim, rows])."""
-        rows = "offs_m" if x.rank == "m" else "offs_n"
-        lim = "N_Q" if x.rank == "m" else "N_KV"
+        """A matrix tile of input x: rows from x's rank, columns its head dim (transposed: [dim, rows]).
+        At a loop step the pointers are the pass's loop-invariant <x>_ptrs moved by the tile's first row."""
+        rows, lim, check = ("offs_m", "N_Q", "CHECK_M") if x.rank == "m" else ("offs_n", "N_KV", "CHECK_N")
         offs_w, _, width = WIDTH[x.width]
-        sz, sh, sr, sk = self.strides(x.name, x.rank)
-        base = f"{pointer(x.name)} + {x.name}_offset" if at == "program" else pointer(x.name)
-        if transposed:
-            ptrs = f"{rows}[None, :] * {sr} + {offs_w}[:, None] * {sk}"
-            mask = f"({rows}[None, :] < {lim}) & ({offs_w}[:, None] < {width})"
+        sr, sk = self.strides(x.name, x.rank)[2:]
+        pad = "PAD_D" if x.width == "e" else "PAD_DV"
+        r, w = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+        if at == "program":
+            ptrs = f"{pointer(x.name)} + {x.name}_offset + {rows}{r} * {sr} + {offs_w}{w} * {sk}"
         else:
-            ptrs = f"{rows}[:, None] * {sr} + {offs_w}[None, :] * {sk}"
-            mask = f"({rows}[:, None] < {lim}) & ({offs_w}[None, :] < {width})"
+            start = "start_m" if x.rank == "m" else "start_n"
+            ptrs = f"{x.name}_ptrs + {start}.to(tl.int64) * {sr}"
         cast = "tl.float32" if x.role == "saved" else "DOT_DTYPE"
-        return f"{x.name} = tl.load({base} + {ptrs}, mask={mask}, other=0.0).to({cast})"
+        return (f"{x.name} = load_checked({ptrs}, {rows}{r} < {lim}, {offs_w}{w} < {width}, {check}, {pad}, "
+                f"0.0).to({cast})")
+
+    def step_pointers(self, x, transposed: bool) -> str:
+        """The pointers of a step tile at the loop rank's row 0: loop-invariant, each step adds a scalar."""
+        block = "BLOCK_M" if x.rank == "m" else "BLOCK_N"
+        offs_w = WIDTH[x.width][0]
+        sr, sk = self.strides(x.name, x.rank)[2:]
+        r, w = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+        return f"{x.name}_ptrs = {pointer(x.name)} + tl.arange(0, {block}){r} * {sr} + {offs_w}{w} * {sk}"
 
     def row_load_line(self, x, at: str) -> str:
         """A per-query-row vector: [BLOCK_M, 1] in a kernel over query tiles, [1, BLOCK_M] over key tiles."""
         shape = "[:, None]" if self.par == "m" else "[None, :]"
         base = f"{pointer(x.name)} + row_offset"
         other = "0" if x.dtype == E.INT else "0.0"
-        return (f"{x.name} = tl.load({base} + offs_m{shape}, mask=offs_m{shape} < N_Q, other={other})")
+        return f"{x.name} = load_checked({base} + offs_m{shape}, offs_m{shape} < N_Q, None, CHECK_M, False, {other})"
 
     # -- the passes --
     def used_as(self, name: str, p) -> tuple[bool, bool]:
@@ -188,8 +225,8 @@ class _Render:
         plan, par = self.plan, self.par
         lp = self.loop
         start, offs, block = ("start_n", "offs_n", "BLOCK_N") if lp == "n" else ("start_m", "offs_m", "BLOCK_M")
-        header = [f"{start} = tl.multiple_of(tl.load(tiles + i) * {block}, {block})",
-                  f"{offs} = {start} + tl.arange(0, {block})"]
+        header = [f"{start} = tl.multiple_of({start}, {block})", f"{offs} = {start} + tl.arange(0, {block})"]
+        setup = []
         step_loads = []
         transposed: dict[str, bool] = {}
         for x in plan.loads:
@@ -203,7 +240,10 @@ class _Render:
             if not (as_b or as_operand):
                 continue
             transposed[x.name] = as_b and not as_operand
+            setup.append(self.step_pointers(x, transposed[x.name]))
             step_loads.append(self.load_line(x, "step", transposed[x.name]))
+        setup.append(f"{start} = tl.load(tiles + lo) * {block}")
+        advance = [f"{start} = tl.load(tiles + i + 1) * {block}  # the list holds one entry past its last tile"]
         dots = []
         for d in p.dots:
             b = d.b if transposed.get(d.b, True) else f"tl.trans({d.b})"
@@ -216,11 +256,11 @@ class _Render:
         idx = INDEX_VARS[par]
         bounds = f"({idx['kv_idx']} < N_KV)" if lp == "n" else f"({idx['q_idx']} < N_Q)"
         mask_lines = []
-        if plan.mask is not None:                          # keep = keep & <mask>
+        if plan.mask is not None:
             mlines, mnames = self.lines["mask"]
-            mask_lines = [(n, f"keep & ({self.text(e)})" if n == "keep" else self.text(e)) for n, e in mlines]
+            mask_lines = self.assigns(mlines)
             if mnames["keep"] != "keep":
-                mask_lines.append(("keep", f"keep & {mnames['keep']}"))
+                mask_lines.append(("keep", mnames["keep"]))
         # -- maxima --
         max_lines, max_names = self.names((i, "max"))
         updates_max = []
@@ -290,8 +330,9 @@ class _Render:
         if finals:
             updates.append(("the new maxima", finals))
         states = [s.name for s in p.states] + [f"{s.name}_max" for s in p.states if s.kind == "argmax"]
-        out = {"number": i, "header": header, "step_loads": step_loads, "dots": dots, "score_lines": score_lines,
-               "bounds": bounds, "mask_lines": mask_lines, "max_lines": self.assigns(max_lines),
+        out = {"number": i, "setup": setup, "header": header, "step_loads": step_loads, "dots": dots,
+               "score_lines": score_lines, "bounds": bounds, "loop_check": "CHECK_N" if lp == "n" else "CHECK_M",
+               "advance": advance, "mask_lines": mask_lines, "max_lines": self.assigns(max_lines),
                "updates_max": updates_max, "alphas": alphas, "value_lines": value_lines, "updates": updates,
                "states": states,
                "values_comment": "weights" if plan.kind == "forward" else "per-pair values"}
@@ -349,14 +390,15 @@ class _Render:
     def pass_args(self, r: dict, p, states: list[str]) -> list[str]:
         """What the pass's helper reads besides its constexprs: every name its lines use that it does not
         define, in one order (states first, then tiles, tensors, offsets, sizes, params)."""
-        body = "\n".join(r["header"] + r["step_loads"] + [e for _, _, e in r["dots"]] + [e for _, e in r["score_lines"]]
+        body = "\n".join(r["setup"] + r["header"] + r["step_loads"] + [e for _, _, e in r["dots"]]
+                         + [e for _, e in r["score_lines"]]
                          + [r["bounds"]] + [e for _, e in r["mask_lines"]] + [e for _, e in r["max_lines"]]
                          + r["updates_max"] + [e for _, e in r["alphas"]] + [e for _, e in r["value_lines"]]
                          + [line for _, lines in r["updates"] for line in lines])
         defined = set(states) | {n for _, n, _ in r["dots"]} | {n for n, _ in r["score_lines"]} | {
             n for n, _ in r["mask_lines"]} | {n for n, _ in r["max_lines"]} | {n for n, _ in r["alphas"]} | {
             n for n, _ in r["value_lines"]} | {"keep", "i", "start_n", "start_m"}
-        defined |= {line.split(" = ")[0] for line in r["step_loads"] + r["updates_max"] + r["header"]}
+        defined |= {line.split(" = ")[0] for line in r["setup"] + r["step_loads"] + r["updates_max"] + r["header"]}
         earlier = [st.name for q in self.plan.passes[:self.plan.passes.index(p)] for st in q.states]
         candidates = (states + earlier + [x.name for x in self.plan.loads if x.at == "program"] +
                       [x for x in self.program_values()] +
@@ -374,7 +416,9 @@ class _Render:
             n for p in self.plan.passes for n, _ in self.lines[(self.plan.passes.index(p) + 1, "after")][0]]
 
     def calls(self, r: dict, p, states: list[str]) -> list[str]:
-        """The kernel's calls of the pass helper: partial tiles (mask evaluated) then full ones."""
+        """The kernel's calls of the pass helper: partial tiles (mask evaluated; the ragged last tile is
+        one, checked when the loop's length is ragged), then full ones (nothing checked along the loop).
+        Without a mask the partial list holds only the ragged tile, so it is swept only when there is one."""
         args = []
         for a in r["args"][:-3]:
             if a in [pointer(x.name) for x in self.matrix_loads if x.at == "step"]:
@@ -384,15 +428,18 @@ class _Render:
                 args.append(a)
         targets = ", ".join(states)
         const = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DMODEL=BLOCK_DMODEL, BLOCK_DV=BLOCK_DV, " \
-                "DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
+                "PAD_D=PAD_D, PAD_DV=PAD_DV, DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
+        loop_check, par_check = (r["loop_check"], "CHECK_M" if self.par == "m" else "CHECK_N")
         out = []
         for full, lst, lo, hi in ((False, "IDX", "lo", "hi"), (True, "FULL_IDX", "full_lo", "full_hi")):
-            if not full and self.plan.mask is None:
-                continue
             stride = "stride_idx" if not full else "stride_full_idx"
+            checks = f"{par_check}={par_check}, {loop_check}={'False' if full else loop_check}"
             call = (f"{targets} = _{self.plan.name}_pass{r['number']}(" + ", ".join(args) +
-                    f", {lst} + start * {stride}, {lo}, {hi}, IS_FULL={full}, {const})")
-            out.append(call)
+                    f", {lst} + start * {stride}, {lo}, {hi}, IS_FULL={full}, {checks}, {const})")
+            if not full and self.plan.mask is None:
+                out += [f"if {loop_check}:", "    " + call]
+            else:
+                out.append(call)
         if self.par == "n":        # every query head of the kv head, each with its own rows
             body = ["off_h = off_hkv * (H // HKV) + g", "row_offset = (off_b * H + off_h).to(tl.int64) * N_Q"]
             body += [f"{x.name}_offset = off_b.to(tl.int64) * {self.strides(x.name, x.rank)[0]} + "
@@ -478,13 +525,16 @@ class _Render:
             ptr = pointer(s.target)
             if s.width is None:
                 cast = ".to(tl.int32)" if s.target.startswith("A_") else ""
-                out.append(f"tl.store({ptr} + row_offset + offs_m[:, None], {v}{cast}, mask=offs_m[:, None] < N_Q)")
+                out.append(f"store_checked({ptr} + row_offset + offs_m[:, None], {v}{cast}, offs_m[:, None] < N_Q, "
+                           "None, CHECK_M, False)")
                 continue
             offs_w, _, width = WIDTH[s.width]
             sz, sh, sr, sk = self.strides(s.target, self.par)
             out.append(f"{s.target}_offset = off_b.to(tl.int64) * {sz} + {head}.to(tl.int64) * {sh}")
-            out.append(f"tl.store({ptr} + {s.target}_offset + {rows}[:, None] * {sr} + {offs_w}[None, :] * {sk}, "
-                       f"({v}).to({ptr}.dtype.element_ty), mask=({rows}[:, None] < {lim}) & ({offs_w}[None, :] < {width}))")
+            check, pad = ("CHECK_M" if self.par == "m" else "CHECK_N"), ("PAD_D" if s.width == "e" else "PAD_DV")
+            out.append(f"store_checked({ptr} + {s.target}_offset + {rows}[:, None] * {sr} + {offs_w}[None, :] * {sk}, "
+                       f"({v}).to({ptr}.dtype.element_ty), {rows}[:, None] < {lim}, {offs_w}[None, :] < {width}, "
+                       f"{check}, {pad})")
         for j, g in enumerate(plan.row_grads):
             out += self.grad_lines(g, names[f"g{j}_{g.param}"], [names[f"g{j}_{g.param}_i{a}"]
                                                                    for a in range(len(g.index))], "rows", False)
@@ -553,7 +603,10 @@ class _Render:
                   "BLOCK_DV = max(16, triton.next_power_of_2(HEAD_DIM_V))",
                   "INPUT_PRECISION = \"tf32\" if DTYPE == torch.float32 and torch.backends.cuda.matmul.allow_tf32 "
                   "else \"ieee\"",
-                  "SPLIT_KV = N_SPLITS > 1"]
+                  "SPLIT_KV = N_SPLITS > 1",
+                  "# what the kernel checks, as constexprs: no test, mask or select is compiled where none can fail",
+                  "CHECK_M, CHECK_N = N_Q % BLOCK_M != 0, N_KV % BLOCK_N != 0  # a ragged last tile of queries, keys",
+                  "PAD_D, PAD_DV = BLOCK_DMODEL != HEAD_DIM, BLOCK_DV != HEAD_DIM_V  # head dims padded to a power of 2"]
         for s in self.split_states():
             dot = next(x for x in plan.passes[-1].states if x.name == s).kind == "dot"
             setup.append(f"ws_{s} = torch.empty((N_SPLITS, B * H, N_Q{', HEAD_DIM_V' if dot else ''}), "

@@ -71,15 +71,30 @@ def dot_dtype(dtype: torch.dtype):
 def block_lists(cls: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
     """(NUM_BLKS, IDX, FULL_NUM_BLKS, FULL_IDX): per program tile (a row of cls), the partial tiles and the
     full ones it sweeps, as counts and index rows (FlexAttention's BlockMask layout). Empty tiles appear in
-    neither."""
+    neither. Each index row holds one entry past its longest list: a pass reads the next tile's index at the
+    end of every step, the last step included."""
     out = []
     for kind in (PARTIAL, FULL):
         hit = cls == kind
         num = hit.sum(1, dtype=torch.int32)
         order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)    # this kind's tiles first, in order
-        width = max(int(num.max()) if num.numel() else 0, 1)
+        order = torch.cat([order, order[:, :1]], 1)         # any valid index does for the entry past the end
+        width = (int(num.max()) if num.numel() else 0) + 1
         out += [num.to(device), order[:, :width].to(torch.int32).contiguous().to(device)]
     return tuple(out)
+
+
+def plan_tiles(plan: KernelPlan, sizes: dict, params: dict, block_m: int, block_n: int) -> torch.Tensor:
+    """The classification in the plan's view (rows: its program tiles, columns: the tiles it sweeps), with a
+    ragged last tile of the sweep made partial: full tiles are read without any bounds check, so only a
+    partial tile may run past the end."""
+    cls = plan.sparsity.classify(sizes, params, block_m, block_n)
+    cls = cls if plan.parallel == "m" else cls.t()
+    length, block = (sizes["KV"], block_n) if plan.parallel == "m" else (sizes["Q"], block_m)
+    if length % block and cls.shape[1]:
+        last = cls[:, -1:]
+        cls = torch.cat([cls[:, :-1], torch.where(last == FULL, torch.full_like(last, PARTIAL), last)], 1)
+    return cls
 
 
 def launch_config(compiled, plan: KernelPlan, dtype, device, params: dict, sizes: dict) -> LaunchConfig:
@@ -89,8 +104,7 @@ def launch_config(compiled, plan: KernelPlan, dtype, device, params: dict, sizes
     key = ("triton", plan.parallel, bm, bn, tuple(sorted(sizes.items())), str(device))
     hit = None if plan.sparsity.params else compiled._tiles.get(key)
     if hit is None:        # classified on the host: per-block min/max of the params the mask reads
-        cls = plan.sparsity.classify(sizes, {n: params[n].cpu() for n in plan.sparsity.params}, bm, bn)
-        cls = cls if plan.parallel == "m" else cls.t()
+        cls = plan_tiles(plan, sizes, {n: params[n].cpu() for n in plan.sparsity.params}, bm, bn)
         row_tiles = int((cls != 0).sum(1).max()) if cls.numel() else 1
         hit = (block_lists(cls, device), row_tiles)
         if not plan.sparsity.params:
