@@ -105,7 +105,8 @@ class _Builder:
         prologue, epilogue, rowdots = [], [], []
         after: dict[str, int] = {}          # a row value: the pass whose loop it waits for (0: none)
         for s in self.mine:
-            if s.iterates(self.loop) or self.par in s.over or s.role == "dparam":
+            # the score and the mask are the plan's hooks, per tile even when they vary along one rank only
+            if s.iterates(self.loop) or self.par in s.over or s.role in ("dparam", "score", "mask"):
                 after[s.name] = self.when[s.name] if self.loop in s.over else 0
                 continue
             after[s.name] = max([after.get(r, 0) for r in s.reads()] or [0])
