@@ -142,17 +142,30 @@ class Interp:
         full_hi = torch.where(dlo > 0, dhi - 1, _t(INF))
         return torch.where(same_period, rlo, full_lo), torch.where(same_period, rhi, full_hi)
 
+    def _positions(self, idx: Node, var: str) -> torch.Tensor:
+        """idx at every position 0 .. length-1 of var, as int64 (computed as the reference computes it)."""
+        from attnc.runtime.reference import evaluate
+        length = int(self.box.ranges[var][1].max().item()) + 1
+        env = {var: torch.arange(length)} | {k: torch.tensor(int(v)) for k, v in self.box.sizes.items()}
+        return evaluate(idx, env, {}).long().expand(length)
+
     def _load(self, n: Node) -> Interval:
-        """A param's values over the box: per-block min/max along axes indexed by q_idx or kv_idx alone,
-        the whole axis's min/max otherwise."""
+        """A param's values over the box: per-block min/max along axes indexed by a function of q_idx alone or
+        of kv_idx alone (doc[q_idx], doc[q_idx + KV - Q], table[kv_idx // 64]), the whole axis's min/max
+        otherwise. A computed index is evaluated at each position once (O(length)), and the entries it reads
+        are reduced per block like a plain index's."""
         t = self.box.params[n.arg].detach()
         t = t.to(torch.float64) if t.dtype != torch.bool else t.to(torch.float64)
         lo, hi = t, t
         kept: list[str] = []
         for axis in reversed(range(t.dim())):
             idx = n.src[axis]
-            if idx.op is Op.INDEX and idx.arg in self.box.blocks and idx.arg not in kept:
-                kept.insert(0, idx.arg)
+            var = _one_position(idx)
+            if var in self.box.blocks and var not in kept:
+                if idx.op is not Op.INDEX:            # the entry each position reads, position by position
+                    at = self._positions(idx, var).clamp(0, t.shape[axis] - 1)
+                    lo, hi = lo.index_select(axis, at), hi.index_select(axis, at)
+                kept.insert(0, var)
                 continue
             lo, hi = lo.amin(dim=axis), hi.amax(dim=axis)
         for i, name in enumerate(kept):
@@ -167,6 +180,17 @@ class Interp:
         elif kept == ["q_idx"]:
             lo, hi = lo[:, None], hi[:, None]
         return lo, hi
+
+
+def _one_position(idx: Node) -> str | None:
+    """'q_idx' or 'kv_idx' when idx is a function of that index alone (with sizes and consts), else None."""
+    names = set()
+    for x in idx.walk():
+        if x.op in (Op.LOAD, Op.TENSOR, Op.SCORE):
+            return None
+        if x.op is Op.INDEX:
+            names.add(x.arg)
+    return names.pop() if len(names) == 1 and names <= {"q_idx", "kv_idx"} else None
 
 
 def _blockwise(lo: torch.Tensor, hi: torch.Tensor, axis: int, block: int, rng: Interval) -> Interval:

@@ -9,7 +9,8 @@ per-tile references of running maxima ('<state>_ref'). Backends only print them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import hashlib
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op
@@ -177,6 +178,40 @@ class KernelPlan:
         out += [s.value for s in self.stores] + [g.value for g in self.row_grads]
         out += [i for g in self.row_grads for i in g.index]
         return out
+
+
+def fingerprint(plan: KernelPlan) -> str:
+    """A hash of everything that shapes the plan's generated code. Expressions are DAGs: each distinct node is
+    written once, so the work is linear in the plan (repr() would expand shared subexpressions as trees)."""
+    h = hashlib.sha256()
+    ids: dict[Node, int] = {}
+
+    def put(x) -> None:
+        if isinstance(x, Node):
+            for n in x.walk():
+                if n not in ids:
+                    ids[n] = len(ids)
+                    h.update(f"{n.op.name}|{n.arg!r}|{n.dtype}|{[ids[s] for s in n.src]};".encode())
+            h.update(f"@{ids[x]};".encode())
+        elif is_dataclass(x) and not isinstance(x, type):
+            h.update(f"<{type(x).__name__}".encode())
+            for f in fields(x):
+                if f.compare:
+                    h.update(f.name.encode())
+                    put(getattr(x, f.name))
+            h.update(b">")
+        elif isinstance(x, (tuple, list)):
+            h.update(b"(")
+            for y in x:
+                put(y)
+            h.update(b")")
+        elif isinstance(x, dict):
+            put(sorted(x.items(), key=lambda kv: repr(kv[0])))
+        else:
+            h.update(f"{x!r};".encode())
+    put(plan.variant.key())
+    put(replace(plan, variant=None))
+    return h.hexdigest()
 
 
 def map_exprs(plan: KernelPlan, fn) -> KernelPlan:
