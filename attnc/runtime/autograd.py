@@ -1,54 +1,52 @@
-"""Gradients: every compiled variant runs through a torch.autograd.Function whose backward runs the kernels
-attnc derived for it (passes/autodiff.py), on the same backend as the forward."""
+"""Gradients: the derivative of the attnc::attention op (runtime/op.py), registered on it, runs the backward
+kernels attnc derived for the variant (passes/autodiff.py) through attnc::attention_backward, on the same
+backend as the forward. They are not differentiable themselves: double backward raises."""
 from __future__ import annotations
 
 import torch
 
 from attnc.errors import CallError
 
-
-class _Attention(torch.autograd.Function):
-    """forward(compiled, target, scale, sizes, return_lse, param names, q, k, v, *params)."""
-
-    @staticmethod
-    def forward(ctx, compiled, target, scale, sizes, return_lse, names, q, k, v, *values):
-        params = dict(zip(names, values))
-        res = compiled.forward(target, q, k, v, scale, params, sizes, return_lse, save=True)
-        stats = [n for n in res if n not in ("out", "lse")]
-        ctx.compiled, ctx.target, ctx.scale, ctx.sizes = compiled, target, scale, sizes
-        ctx.return_lse, ctx.names, ctx.stats = return_lse, names, stats
-        ctx.save_for_backward(q, k, v, res["out"], *(res[n] for n in stats), *values)
-        if return_lse:
-            return res["out"], res["lse"]
-        return res["out"]
-
-    @staticmethod
-    def backward(ctx, dout, dlse=None):
-        if torch.is_grad_enabled():          # backward(create_graph=True): a graph of the gradients is wanted
-            raise CallError("attnc differentiates once: its backward kernels are not differentiable themselves "
-                            "(double backward, create_graph=True, is not supported)")
-        q, k, v, out, *rest = ctx.saved_tensors
-        stats = dict(zip(ctx.stats, rest[:len(ctx.stats)]))
-        params = dict(zip(ctx.names, rest[len(ctx.stats):]))
-        tensors = {"Q": q, "K": k, "V": v, "O": out, "dO": dout.contiguous(), **stats}
-        if ctx.return_lse:
-            tensors["dLSE"] = torch.zeros_like(stats[next(iter(stats))]) if dlse is None else dlse.contiguous()
-        res = ctx.compiled.backward(ctx.target, tensors, ctx.scale, params, ctx.sizes, ctx.return_lse)
-        grads = [res["dq"], res["dk"], res["dv"]]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[6:9])]
-        for i, (name, t) in enumerate(params.items()):
-            g = res.get(f"grad_{name}")
-            grads.append(g.to(t.dtype) if g is not None and ctx.needs_input_grad[9 + i] else None)
-        return (None,) * 6 + tuple(grads)
+DOUBLE_BACKWARD = ("attnc differentiates once: its backward kernels are not differentiable themselves "
+                   "(double backward, create_graph=True, is not supported)")
 
 
-def attention(compiled, target: str, q, k, v, scale: float, params: dict, sizes: dict, return_lse: bool):
-    """The call, recorded for autograd. The backward kernels are compiled now, so a variant attnc cannot
-    differentiate fails at the call (a SpecError that says why), never in the middle of backward."""
-    compiled._compiled(target, return_lse, True)
-    names = tuple(params)
-    values = tuple(params[n] for n in names)
-    for name, t in params.items():
-        if t.requires_grad and not t.is_floating_point():
-            raise CallError(f"param '{name}' requires grad but is an integer tensor: indices have no gradient")
-    return _Attention.apply(compiled, target, scale, sizes, return_lse, names, q, k, v, *values)
+def setup_context(ctx, inputs, output) -> None:
+    """Saves q, k, v, out, the forward's row statistics and the params. Runs at the call whenever a backward
+    may follow: the backward kernels compile now, so a variant attnc cannot differentiate fails at the call
+    (a SpecError that says why), never in the middle of a backward."""
+    from attnc.runtime.op import lookup          # op.py registers these functions: imported late
+    key, q, k, v, params, scale, return_lse, save = inputs
+    compiled = lookup(key)
+    ctx.key, ctx.scale, ctx.return_lse, ctx.saved = key, scale, return_lse, save
+    ctx.param_names = tuple(compiled.variant.params)
+    ctx.grad_names = compiled.grad_params(compiled.target(q), return_lse)
+    first = 2 if return_lse else 1         # out, lse: what the caller sees; then the statistics
+    ctx.n_stats = len(output) - first
+    ctx.save_for_backward(q, k, v, output[0], *output[first:], *params)
+
+
+def backward(ctx, grads: list):
+    if torch.is_grad_enabled():           # backward(create_graph=True): a graph of the gradients is wanted
+        raise CallError(DOUBLE_BACKWARD)
+    q, k, v, out, *rest = ctx.saved_tensors
+    stats, params = rest[:ctx.n_stats], rest[ctx.n_stats:]
+    if not ctx.saved:                     # called without save: the statistics are computed again
+        stats = torch.ops.attnc.attention(ctx.key, q, k, v, list(params), ctx.scale, ctx.return_lse,
+                                          True)[2 if ctx.return_lse else 1:]
+    dout = grads[0] if grads[0] is not None else torch.zeros_like(out)
+    dlse = grads[1] if ctx.return_lse else None
+    res = torch.ops.attnc.attention_backward(ctx.key, q, k, v, out, dout, dlse, list(stats), list(params),
+                                             ctx.scale, ctx.return_lse)
+    got = dict(zip(ctx.grad_names, res[3:]))
+    dq, dk, dv = (g if need else None for g, need in zip(res[:3], ctx.needs_input_grad[1:4]))
+    dparams = [got.get(name) if need else None for name, need in zip(ctx.param_names, ctx.needs_input_grad[4])]
+    return None, dq, dk, dv, dparams, None, None, None
+
+
+def nothing_to_save(ctx, inputs, output) -> None:
+    pass
+
+
+def no_double_backward(ctx, grads):
+    raise CallError(DOUBLE_BACKWARD)

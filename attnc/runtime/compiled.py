@@ -1,28 +1,48 @@
 """The object compile() returns: validates a call, compiles the variant's kernels for the call's target and
-direction, classifies tiles, and runs them, through autograd when inputs require gradients."""
+direction, classifies tiles, and runs them as the torch op attnc::attention (runtime/op.py), whose registered
+autograd runs the backward kernels."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from collections import OrderedDict
 
 import torch
 
 from attnc.backends import backend as backend_module
 from attnc.errors import CallError
 from attnc.frontend.variant import Param, Variant
+from attnc.ir.expr import Op
 from attnc.ir.lower import lower
 from attnc.ir.printer import cascade_text
 from attnc.passes import BACKWARD_PASS_NAMES, PASS_NAMES, run_pipeline
 from attnc.passes.block_sparsity import FULL, PARTIAL
-from attnc.passes.bounds import check_at_call
+from attnc.passes.bounds import IntRange, check_at_call
 from attnc.plan import PLAN_PASSES, KernelPlan, build_plans, run_plan_passes
 from attnc.plan.text import plan_text
-from attnc.runtime import cache
+from attnc.runtime import cache, op
 from attnc.runtime.reference import reference
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PARAM_DTYPES = {"float": FLOATS, "int": (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8),
                 "bool": (torch.bool,)}
 TARGETS = ("torch", "triton")
+TILE_MEMO = 64          # entries (tile lists per tile shape, bounds checks) a variant keeps across call shapes
+
+
+class Memo(OrderedDict):
+    """A dict that forgets its oldest entries past `size`: caches keyed by a call's sizes stay bounded when a
+    decoding loop grows KV by one key at every step."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if len(self) > self.size:
+            self.popitem(last=False)
 
 
 class Kernel:
@@ -39,7 +59,8 @@ class Compiled:
     HKV. Returns out [B, H, Q, Dv] in q's dtype (and lse [B, H, Q] in float32, float64 for float64 inputs,
     with return_lse=True). Params are keyword arguments, tensors shaped as the spec declares them.
     Differentiable with respect to q, k, v and every float param, on both backends: when any of them
-    requires grad, the call records a backward that runs attnc's derived backward kernels.
+    requires grad, the call records a backward that runs attnc's derived backward kernels. A call is one
+    attnc::attention op, so torch.compile (fullgraph, dynamic shapes) and torch.export trace it whole.
     """
 
     def __init__(self, variant: Variant, backend: str | None = None):
@@ -47,8 +68,17 @@ class Compiled:
             raise CallError(f"backend must be one of {', '.join(TARGETS)}, got {backend!r}")
         self.variant = variant
         self.backend = backend
+        self.op_key = op.key_of(variant, backend)
         self._kernels: dict = {}
-        self._tiles: dict = {}
+        self._tiles = Memo(TILE_MEMO)
+        self._checked = Memo(TILE_MEMO)
+        self._results: dict = {}
+        if variant.captured:    # the op's Compiled keeps no captured tensors (every call passes them): a twin
+            twin = Compiled(dataclasses.replace(variant, captured={}), backend)       # that registers itself
+            self._kernels, self._tiles, self._checked, self._results = (twin._kernels, twin._tiles,
+                                                                        twin._checked, twin._results)
+        else:
+            op.register(self)
 
     def __repr__(self) -> str:
         return f"<attnc {self.variant.name}: norm {self.variant.norm_kind}, params {list(self.variant.params)}>"
@@ -163,23 +193,73 @@ class Compiled:
 
     # -- calling --
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False, **params):
-        sizes, params, scale = self._validate(q, k, v, scale, params)
-        target = self.backend or ("triton" if q.is_cuda else "torch")
-        grad_params = [p.name for p in self.variant.params.values()
-                       if p.kind == "float" and params[p.name].requires_grad]
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or grad_params):
-            from attnc.runtime.autograd import attention
-            return attention(self, target, q, k, v, scale, params, sizes, return_lse)
-        out = self.forward(target, q, k, v, scale, params, sizes, return_lse)
-        return (out["out"], out["lse"]) if return_lse else out["out"]
+        if not isinstance(return_lse, bool):
+            raise CallError(f"return_lse must be True or False, got {return_lse!r}")
+        _, params, scale = self._validate(q, k, v, scale, params)
+        values = [params[n] for n in self.variant.params]
+        # decided here, where torch.compile traces: a call that records a backward saves the row statistics
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
+        if save or op.dispatcher_needed((q, k, v, *values)):
+            res = torch.ops.attnc.attention(self.op_key, q, k, v, values, scale, return_lse, save)
+        else:
+            res = op.run(self, q, k, v, values, scale, return_lse, save)
+        return (res[0], res[1]) if return_lse else res[0]
+
+    def target(self, q) -> str:
+        """The backend a call runs on: the one asked for, else Triton for CUDA tensors and torch otherwise."""
+        return self.backend or ("triton" if q.is_cuda else "torch")
+
+    def named_params(self, values) -> dict:
+        """The op's param list by name, in the variant's order."""
+        return dict(zip(self.variant.params, values))
+
+    def sizes(self, q, k, params: dict) -> dict:
+        """B, H, HKV, Q, KV, D of a validated call, and the free dims its params bind."""
+        B, H, Q, D = q.shape
+        sizes = {"B": B, "H": H, "HKV": k.shape[1], "Q": Q, "KV": k.shape[2], "D": D}
+        for p in self.variant.params.values():
+            for d, n in zip(p.dims, params[p.name].shape):
+                if isinstance(d, str):
+                    sizes.setdefault(d, n)
+        return sizes
+
+    def forward_results(self, target: str, return_lse: bool, save: bool) -> list[str]:
+        """What attnc::attention returns, in order: out, lse (with return_lse), then the forward kernel's
+        other results (with save, the row statistics the backward reads)."""
+        key = ("forward", target, return_lse, save)
+        if key not in self._results:
+            names = self._compiled(target, return_lse, False, save)[0].plan.results()
+            self._results[key] = ["out"] + ["lse"] * return_lse + [n for n in names if n not in ("out", "lse")]
+        return self._results[key]
+
+    def grad_params(self, target: str, return_lse: bool) -> tuple[str, ...]:
+        """The params whose gradient the backward kernels compute, in the variant's order (compiles them)."""
+        key = ("backward", target, return_lse)
+        if key not in self._results:
+            got = {n for kernel in self._compiled(target, return_lse, True) for n in kernel.plan.results()}
+            self._results[key] = tuple(n for n in self.variant.params if f"grad_{n}" in got)
+        return self._results[key]
 
     def forward(self, target: str, q, k, v, scale: float, params: dict, sizes: dict, return_lse: bool,
                 save: bool = False) -> dict:
         """The forward kernel's results by name: out, lse (with return_lse), and with save the final row
         statistics the backward reads."""
         kernel = self._compiled(target, return_lse, False, save)[0]
-        check_at_call(kernel.plan.bounds, sizes, params)
+        self._check_bounds(kernel.plan, sizes, params)
         return self.launch(target, kernel, {"Q": q, "K": k, "V": v}, scale, params, sizes)
+
+    def _check_bounds(self, plan: KernelPlan, sizes: dict, params: dict) -> None:
+        """check_at_call, once per sizes where the checks read no param values (sizes then decide them)."""
+        key = (plan.name, tuple(sizes.items()))
+        if key in self._checked:
+            return
+        check_at_call(plan.bounds, sizes, params)
+        reads = ("reads params", plan.name)
+        if reads not in self._results:
+            self._results[reads] = any(n.op is Op.LOAD for c in plan.bounds
+                                       for n in (c.expr if isinstance(c, IntRange) else c.index).walk())
+        if not self._results[reads]:
+            self._checked[key] = True
 
     def backward(self, target: str, tensors: dict, scale: float, params: dict, sizes: dict,
                  return_lse: bool) -> dict:
@@ -251,6 +331,10 @@ class Compiled:
             raise CallError(f"k's head_dim must equal q's ({D}), got {k.shape[3]}")
         if tuple(v.shape[1:3]) != (HKV, KV):
             raise CallError(f"v must have k's heads and length ({HKV}, {KV}), got {tuple(v.shape[1:3])}")
+        if HKV == 0:
+            raise CallError(f"k must have at least one head, got shape {tuple(k.shape)}")
+        if D == 0:
+            raise CallError(f"q and k must have a head_dim of at least 1, got shape {tuple(q.shape)}")
         if H % HKV:
             raise CallError(f"q's heads ({H}) must be a multiple of k's heads ({HKV}) for grouped-query attention")
         if not (q.dtype == k.dtype == v.dtype):
@@ -259,8 +343,7 @@ class Compiled:
             raise CallError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
         if Q == 0 or KV == 0:
             raise CallError(f"q and k need at least one position, got lengths {Q} and {KV}")
-        if scale is None:
-            scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(D) if scale is None else _check_scale(scale)
         sizes = {"B": B, "H": H, "HKV": HKV, "Q": Q, "KV": KV, "D": D}
         params = dict(self.variant.captured)
         unknown = set(given) - set(self.variant.params)
@@ -272,7 +355,7 @@ class Compiled:
             if p.name not in params:
                 raise CallError(f"missing param '{p.name}': expected a tensor {p}")
             params[p.name] = _check_param(p, params[p.name], sizes, q.device)
-        return sizes, params, float(scale)
+        return sizes, params, scale
 
 
 def merge_runs(tiles: list, width: int) -> list:
@@ -288,6 +371,24 @@ def merge_runs(tiles: list, width: int) -> list:
                 runs.append((start_n, end_n, full))
         out.append((start_m, runs))
     return out
+
+
+def _check_scale(scale) -> float:
+    """A real number, or a 0-d real tensor without a gradient (attnc does not differentiate the scale)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or scale.is_complex() or scale.dtype == torch.bool:
+            raise CallError(f"scale must be a real number or a 0-d real tensor, got a {scale.dtype} tensor of shape "
+                            f"{tuple(scale.shape)}")
+        if scale.requires_grad and torch.is_grad_enabled():
+            raise CallError("scale requires grad, but attnc gives no gradient for the scale; expected a number or "
+                            "a tensor without requires_grad (scale.detach())")
+        scale = scale.item()
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise CallError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise CallError(f"scale must be finite, got {scale}")
+    return scale
 
 
 def _check_param(p: Param, t, sizes: dict, device) -> torch.Tensor:
