@@ -236,3 +236,147 @@ def test_scores_and_weights_that_do_not_vary_over_the_tile(spec):
     attn = attnc.compile(spec)
     q, k, v = qkv(1, 2, 2, 20, 20, 8)
     check_against_oracle(attn, q, k, v, {})
+
+
+# -- calls at the edges: empty results, or one clear CallError naming the argument --
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    from attnc.backends.triton_launch import interpreting
+    return interpreting() or torch.cuda.is_available()
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="needs triton with TRITON_INTERPRET=1 or a GPU"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,H,HKV", [(0, 4, 2), (2, 0, 2), (0, 0, 1)], ids=["no_batch", "no_heads", "neither"])
+def test_no_batch_or_no_heads_gives_empty_results_and_gradients(backend, B, H, HKV):
+    attn = attnc.compile(example("alibi"), backend=backend)
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, HKV, 5, 7, 8, Dv=6))
+    slopes = torch.rand(H).requires_grad_()
+    out, lse = attn(q, k, v, slopes=slopes, return_lse=True)
+    ref, ref_lse = attn.reference(q, k, v, slopes=slopes, return_lse=True)
+    assert out.shape == ref.shape == (B, H, 5, 6) and lse.shape == ref_lse.shape == (B, H, 5)
+    assert out.dtype == q.dtype
+    (out.sum() + lse.sum()).backward()
+    for t in (q, k, v, slopes):       # nothing attends: no gradient anywhere, k and v keep their shapes
+        assert t.grad.shape == t.shape and not t.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_value_dim_still_gives_lse(backend):
+    attn = attnc.compile(example("alibi"), backend=backend)
+    q, k, v = qkv(1, 4, 2, 5, 7, 8, Dv=0)
+    slopes = torch.rand(4)
+    out, lse = attn(q, k, v, slopes=slopes, return_lse=True)
+    assert out.shape == (1, 4, 5, 0)
+    torch.testing.assert_close(lse, attn.reference(q, k, v, slopes=slopes, return_lse=True)[1])
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (((1, 2, 5, 8), (1, 0, 7, 8), (1, 0, 7, 8)), "k must have at least one head"),
+    (((1, 2, 5, 0), (1, 2, 7, 0), (1, 2, 7, 8)), "head_dim of at least 1"),
+], ids=["no_kv_heads", "no_head_dim"])
+def test_no_kv_heads_or_no_head_dim_is_refused(shapes, match):
+    attn = attnc.compile(example("causal"))
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(attnc.CallError, match=match):
+        attn(q, k, v)
+    with pytest.raises(attnc.CallError, match=match):
+        attn.reference(q, k, v)
+
+
+@pytest.mark.parametrize("scale", ["0.1", 1j, torch.tensor([0.1, 0.2]), torch.tensor(1j), torch.tensor(True),
+                                   True, None.__class__, float("nan"), float("inf")],
+                         ids=["str", "complex", "two_elements", "complex_tensor", "bool_tensor", "bool", "type",
+                              "nan", "inf"])
+def test_scale_must_be_a_finite_real_number(scale):
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 2, 2, 5, 5, 8)
+    with pytest.raises(attnc.CallError, match="scale"):
+        attn(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64), 0.3,
+                                   torch.tensor(2), 2], ids=["tensor", "float64_tensor", "float", "int_tensor", "int"])
+def test_scale_as_a_number_or_a_0d_tensor(scale):
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 2, 2, 5, 5, 8)
+    torch.testing.assert_close(attn(q, k, v, scale=scale), attn(q, k, v, scale=float(scale)), rtol=0, atol=0)
+    check_against_oracle(attn, q, k, v, {}, scale=scale)
+
+
+def test_a_scale_that_requires_grad_is_refused_not_detached():
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 2, 2, 5, 5, 8)
+    scale = torch.tensor(0.3, requires_grad=True)
+    with pytest.raises(attnc.CallError, match="scale requires grad"):
+        attn(q, k, v, scale=scale)
+    with torch.no_grad():                               # no gradient asked for: nothing is lost
+        attn(q, k, v, scale=scale)
+
+
+def test_return_lse_must_be_a_bool():
+    attn = attnc.compile(example("causal"))
+    q, k, v = qkv(1, 2, 2, 5, 5, 8)
+    with pytest.raises(attnc.CallError, match="return_lse"):
+        attn(q, k, v, return_lse="yes")
+
+
+CONST_INDEX = ("variant table_at_a_constant\nparam ids: i32[L]\nparam tab: f32[T]\n"
+               "mask = q_idx + KV - Q >= kv_idx\nscore = score + tab[ids[0]] * (q_idx - kv_idx)\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_read_at_a_constant_index_end_to_end(backend):
+    attn = attnc.compile(CONST_INDEX, backend=backend)
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4, 2, 9, 13, 8, seed=2))
+    ids, tab = torch.tensor([3, 0, 1], dtype=torch.int32), (torch.rand(5) * 0.2).requires_grad_()
+    check_against_oracle(attn, q.detach(), k.detach(), v.detach(), {"ids": ids, "tab": tab.detach()})
+    out, lse = attn(q, k, v, ids=ids, tab=tab, return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    q64, k64, v64, tab64 = (t.detach().double().requires_grad_() for t in (q, k, v, tab))
+    ref, ref_lse = attn.reference(q64, k64, v64, ids=ids, tab=tab64, return_lse=True)
+    (ref.sum() + ref_lse.sum()).backward()
+    for got, want in zip((q, k, v, tab), (q64, k64, v64, tab64)):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+    assert tab.grad[3] != 0 and not tab.grad[[0, 1, 2, 4]].any()      # only the entry read has a gradient
+    with pytest.raises(attnc.CallError, match="tab"):                     # the same sizes, ids[0] now past tab
+        attn(q, k, v, ids=torch.tensor([5, 0, 1], dtype=torch.int32), tab=tab)
+
+
+@pytest.mark.xfail(strict=True, reason="the call-time bounds check ranges ids[0] over every entry of ids (its min "
+                                       "and max), so an unread entry out of tab's range refuses a safe call")
+def test_a_constant_index_is_checked_at_the_entry_it_reads():
+    attn = attnc.compile(CONST_INDEX)
+    q, k, v = qkv(1, 2, 2, 5, 5, 8)
+    check_against_oracle(attn, q, k, v, {"ids": torch.tensor([2, 9], dtype=torch.int32), "tab": torch.rand(5)})
+
+
+def test_bounds_checks_are_cached_only_where_sizes_decide_them(monkeypatch):
+    from attnc.runtime import compiled as compiled_module
+    calls = []
+    real = compiled_module.check_at_call
+    monkeypatch.setattr(compiled_module, "check_at_call", lambda *a: calls.append(1) or real(*a))
+    causal, table = attnc.compile(example("causal")), attnc.compile(CONST_INDEX)
+    q, k, v = qkv(1, 2, 2, 5, 5, 8)
+    for _ in range(3):
+        causal(q, k, v)
+    assert len(calls) == 1
+    ids, tab = torch.tensor([1], dtype=torch.int32), torch.rand(4)
+    for _ in range(3):
+        table(q, k, v, ids=ids, tab=tab)
+    assert len(calls) == 4
+
+
+def test_per_shape_caches_stay_bounded_while_decoding():
+    from attnc.runtime.compiled import TILE_MEMO
+    attn = attnc.compile(example("sliding_window"), window=4)
+    for KV in range(2, TILE_MEMO + 12):
+        attn(*qkv(1, 2, 2, 1, KV, 4))
+    assert 0 < len(attn._tiles) <= TILE_MEMO and 0 < len(attn._checked) <= TILE_MEMO
