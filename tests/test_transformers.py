@@ -1,5 +1,6 @@
 """attnc as a Hugging Face transformers attention implementation: a tiny random Llama (no downloads) must give
-sdpa's logits with and without padding, sdpa's greedy tokens through a KV cache, and run in bf16."""
+sdpa's logits with and without padding, sdpa's greedy tokens through a KV cache, run in bf16, and train with
+sdpa's gradients."""
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ except ImportError:                                     # tests/ imported as a p
 
 VOCAB, PAD = 128, 0
 TOL = 1e-5          # fp32 logits of a 2-layer model: attnc and sdpa differ by summation order only
+GRAD_RTOL = 1e-5    # fp32 gradients, relative to each tensor's largest entry (observed: below 1e-6)
 
 
 def tiny_config(**kw) -> LlamaConfig:
@@ -223,23 +225,61 @@ def test_a_prepared_4d_mask_is_refused(model):
         logits(model, "attnc", ids, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
 
 
-def test_a_forward_with_grad_enabled_runs_and_backward_says_why_not(model):
-    model.set_attn_implementation("attnc")
-    out = model(tokens(12, 1, 9)).logits
-    with pytest.raises(attnc.CallError, match="not registered"):
-        out.sum().backward()
-
-
-@pytest.mark.xfail(strict=True, reason="gradients of attnc kernels are not registered yet")
-def test_a_training_step_gives_sdpa_gradients(model):
-    ids, mask = left_padded(13, [17, 10])
-    grads = {}
-    for impl in ("sdpa", "attnc"):
-        model.set_attn_implementation(impl)
-        model.zero_grad()
-        model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def train_grads(model, impl: str, ids, mask, extra=()) -> dict:
+    """The gradient of every parameter (and of `extra` tensors) after one loss.backward() through `impl`."""
+    model.set_attn_implementation(impl)
     model.zero_grad()
-    assert grads["attnc"].keys() == grads["sdpa"].keys()
-    for n, g in grads["sdpa"].items():
-        assert (grads["attnc"][n] - g).abs().max().item() < 1e-4, n
+    for t in extra:
+        t.grad = None
+    model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"extra{i}": t.grad.clone() for i, t in enumerate(extra)})
+    model.zero_grad()
+    return grads
+
+
+def assert_same_grads(got: dict, want: dict) -> None:
+    # fp32 gradients that differ by summation order only: relative to each tensor's largest entry
+    assert got.keys() == want.keys()
+    for n, g in want.items():
+        assert g.abs().max() > 0, n
+        assert (got[n] - g).abs().max().item() <= GRAD_RTOL * g.abs().max().item(), n
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_training_step_gives_sdpa_gradients(model, side):
+    ids, mask = left_padded(13, [17, 10, 5])
+    if side == "right":
+        ids, mask = ids.flip(-1), mask.flip(-1)
+    grads = {impl: train_grads(model, impl, ids, mask) for impl in ("sdpa", "attnc")}
+    assert {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qkv"} <= grads["attnc"].keys()
+    assert_same_grads(grads["attnc"], grads["sdpa"])
+
+
+def test_a_learned_param_gets_its_gradient_through_the_model(model):
+    # ALiBi slopes as a trained tensor: sdpa gets the same bias as an additive mask built from them
+    slopes = (2.0 ** (-8.0 * torch.arange(1, 5) / 4)).requires_grad_()
+    name = attnc_hf.register("attnc_alibi_learned", example("alibi"), params={"slopes": slopes})
+    ids, mask = left_padded(15, [12, 7])
+    pos = torch.arange(12)
+    keep = (pos[:, None] >= pos[None, :]) & mask.bool()[:, None, None, :]
+    ours = train_grads(model, name, ids, mask, extra=(slopes,))
+    model.set_attn_implementation("sdpa")
+    model.zero_grad()
+    slopes.grad = None
+    bias = torch.where(keep, -slopes[:, None, None] * (pos[:, None] - pos[None, :]), -math.inf)
+    model(ids, attention_mask=bias, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    sdpa = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None} | {"extra0": slopes.grad}
+    model.zero_grad()
+    assert_same_grads(ours, sdpa)
+
+
+def test_a_compiled_model_trains_with_the_eager_gradients():
+    # fullgraph: the mask interface, the layers and attnc's op trace without a break (aot_eager: no codegen)
+    attnc_hf.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(num_hidden_layers=1), attn_implementation="attnc").eval()
+    ids, mask = left_padded(16, [9, 5])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = {n.removeprefix("_orig_mod."): g for n, g in train_grads(compiled, "attnc", ids, mask).items()}
+    assert_same_grads(got, train_grads(model, "attnc", ids, mask))

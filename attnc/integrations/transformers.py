@@ -15,6 +15,8 @@ interface, never as a dense Q x KV tensor:
 - padding rides as a param of the variant, keep_key: bool[B, KV], and-ed with its mask;
 - callbacks (attnc.compile(score_mod=..., mask_mod=...)) see positions, as FlexAttention's mods do in
   transformers (which adds the cache offset to q_idx): their q_idx becomes q_idx + KV - Q.
+Training works as with sdpa: gradients flow through attnc's backward kernels to q, k, v and to float params
+given here (a learned ALiBi slope), and a torch.compile'd model traces attnc's op without a graph break.
 What a model asks for that the variant does not do (a sliding-window, packed-sequence or bidirectional
 mask, softcap, sinks, dropout, attention weights, a prepared 4D mask) raises an error: it is never dropped."""
 from __future__ import annotations
@@ -61,7 +63,7 @@ class KeyMask:
 
 
 class Registration:
-    """One registered name: its variant, composed with causality and padding, compiled on first use."""
+    """One registered name: its variant, composed with causality and padding; kernels compile on first use."""
 
     def __init__(self, name: str, variant: Variant, params: dict, backend: str | None):
         if KEEP in variant.params:
@@ -78,27 +80,23 @@ class Registration:
         if variant.file == "<callback>":
             variant = _positions_for_rows(variant)
         self.name, self.variant, self.params, self.backend = name, variant, dict(params), backend
-        self._compiled: dict[bool, attnc.Compiled] = {}
-        self._on_device: dict = {}
+        # made here, not at the first call, so a torch.compile'd model never traces their construction
+        self._compiled = {padded: self._compose(padded) for padded in (False, True)}
 
-    def compiled(self, padded: bool) -> attnc.Compiled:
+    def _compose(self, padded: bool) -> attnc.Compiled:
         """The variant's mask (or causality) and, when padded, keep_key[b, kv_idx]."""
-        if padded not in self._compiled:
-            v = self.variant
-            mask = v.mask if v.mask is not None else _CAUSAL.mask
-            params = dict(v.params)
-            if padded:
-                mask = E.make(E.Op.AND, mask, _KEEP.mask)
-                params[KEEP] = _KEEP.params[KEEP]
-            name = f"{v.name}_padded" if padded else v.name
-            self._compiled[padded] = attnc.Compiled(dataclasses.replace(v, name=name, mask=mask, params=params),
-                                                    self.backend)
-        return self._compiled[padded]
+        v = self.variant
+        mask = v.mask if v.mask is not None else _CAUSAL.mask
+        params = dict(v.params)
+        if padded:
+            mask = E.make(E.Op.AND, mask, _KEEP.mask)
+            params[KEEP] = _KEEP.params[KEEP]
+        name = f"{v.name}_padded" if padded else v.name
+        return attnc.Compiled(dataclasses.replace(v, name=name, mask=mask, params=params), self.backend)
 
     def params_on(self, device: torch.device) -> dict:
-        if device not in self._on_device:
-            self._on_device[device] = {n: t.to(device) for n, t in self.params.items()}
-        return self._on_device[device]
+        # moved at every call (a no-op on their own device): a copy kept would miss the optimizer's updates
+        return {n: t.to(device) for n, t in self.params.items()}
 
     # -- transformers' mask interface: called once per forward, before the layers --
     def mask(self, batch_size: int, q_length: int, kv_length: int, q_offset=None, kv_offset: int = 0,
@@ -128,7 +126,9 @@ class Registration:
             if short > 0:                      # as transformers does: positions past the mask are padding
                 keep = torch.nn.functional.pad(keep, (0, short), value=False)
             keep = keep[:, kv_offset:kv_offset + keys]
-            if bool(keep.all()):
+            # a mask without padding runs the variant without the keep_key param; a traced graph keeps the
+            # param, which reads the mask's values on the device instead of deciding on the host
+            if not torch.compiler.is_compiling() and bool(keep.all()):
                 keep = None
             elif keep.shape[0] != batch_size:
                 keep = keep.expand(batch_size, -1)
@@ -146,14 +146,11 @@ class Registration:
             raise CallError(f"attention_mask: attn_implementation '{self.name}' takes the mask its own mask "
                             f"interface builds from a 2D padding mask; got a prepared "
                             f"{type(attention_mask).__name__} of shape {tuple(attention_mask.shape)}")
-        attn = self.compiled(keep is not None)
+        attn = self._compiled[keep is not None]
         params = dict(self.params_on(query.device))
         if keep is not None:
             params[KEEP] = keep.to(query.device)
-        with torch.no_grad():                  # see _NoGradient: the tiled kernel is not differentiated
-            out = attn(query, key, value, scale=scaling, **params)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            out = _NoGradient.apply(out, query, key, value)
+        out = attn(query, key, value, scale=scaling, **params)
         return out.transpose(1, 2).contiguous(), None
 
     def _refuse(self, module, dropout: float, kwargs: dict) -> None:
@@ -180,23 +177,6 @@ def _positions_for_rows(v: Variant) -> Variant:
     shift = {E.index("q_idx"): E.index("q_idx") + E.size("KV") - E.size("Q")}
     return dataclasses.replace(v, score=E.substitute(v.score, shift), norm=E.substitute(v.norm, shift),
                                mask=None if v.mask is None else E.substitute(v.mask, shift))
-
-
-class _NoGradient(torch.autograd.Function):
-    """The kernel's output, passed through; backward says there is no gradient rather than giving none.
-
-    Until attnc's compiled object registers autograd, the kernel runs under no_grad (its in-place tile
-    updates cannot be differentiated) and a backward through it raises here, so a training step fails
-    loudly instead of leaving the q, k and v projections without gradients."""
-
-    @staticmethod
-    def forward(ctx, out, *inputs):
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise CallError("gradients of attnc kernels are not registered yet: run attnc models under "
-                        "torch.no_grad() or torch.inference_mode(), or train with attn_implementation='sdpa'")
 
 
 def register(name: str = "attnc", variant=None, *, params: dict | None = None, backend: str | None = None,
