@@ -186,17 +186,32 @@ def test_source_reads_like_the_fused_attention_tutorial():
     src = compiled("causal").source("triton")
     for text in ("start_m = tl.program_id(0)", "off_hz = tl.program_id(1)", "offs_m = ", "offs_n = ",
                  "# -- compute qk --", "# -- update m_i and l_i --", "# epilogue", "tl.dot(",
-                 "qk_scale = sm_scale * LOG2E", "p = tl.exp2(qk - m_i_ref)", "off_b.to(tl.int64) * stride_qz",
+                 "qk_scale = sm_scale * LOG2E", "p = tl.exp2(qk * late_scale - m_i_ref)",
+                 "off_b.to(tl.int64) * stride_qz",
                  'triton.autotune(configs=CONFIGS, key=["N_Q", "N_KV", "HEAD_DIM"])'):
         assert text in src, text
     assert "tl.exp(" not in src
 
 
 def test_scores_not_folded_to_base_2_use_exp2_times_log2e():
-    src = compiled("alibi").source("triton")
+    # a per-pair bias added to qk: log2(e) would cost the multiply it saves
+    src = compiled("t5_bias").source("triton")
     assert "qk_scale = sm_scale\n" in src
     assert "tl.exp2((s - m_i_ref) * LOG2E)" in src
-    assert "h_slopes_h = tl.load(p_slopes + off_h * stride_slopes_0)" in src    # hoisted out of the key loop
+
+
+@pytest.mark.parametrize("name, texts", [
+    ("alibi", ["h_slopes_h = tl.load(p_slopes + off_h * stride_slopes_0)",      # hoisted out of the key loop
+               "s = qk * late_scale - 1.4426950408889634 * h_slopes_h * tl.cast(", "p = tl.exp2(s - m_i_ref)"]),
+    ("softcap", ["s = 43.2808512266689 * tanh(qk * (0.023104906018664842 * late_scale))"]),
+    ("sigmoid", ["s = qk * late_scale - 1.4426950408889634 * tl.log(", "p = sigmoid2(s)"]),
+    ("sinks", ["divz_rows(acc, l_i + tl.exp2(1.4426950408889634 * h_sinks_h - m_i))"]),
+])
+def test_affine_and_scaled_scores_fold_log2e_into_their_factors(name, texts):
+    src = compiled(name).source("triton")
+    assert "qk_scale = sm_scale * LOG2E" in src
+    for text in texts:
+        assert text in src, text
 
 
 def test_param_loads_are_masked_to_the_rows_and_columns_that_exist():

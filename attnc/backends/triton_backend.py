@@ -15,7 +15,7 @@ from attnc.backends.codegen import Target, render_template
 from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op
 from attnc.ir.printer import ATOM, INFIX, number
-from attnc.plan.base2 import exp2_of, scaled_names
+from attnc.plan.base2 import LN2, exp2_of, scaled_names
 from attnc.plan.model import KernelPlan, value
 
 NAME = "triton"
@@ -31,7 +31,7 @@ TABLE: dict[Op, tuple] = {
     Op.EXP: ("tl.exp2({0} * LOG2E)", ATOM, 11),                      # exp(x) = 2^(x log2 e)
     Op.EXP2: ("tl.exp2({0})", ATOM), Op.LOG: ("tl.log({0})", ATOM), Op.LOG2: ("tl.log2({0})", ATOM),
     Op.SQRT: ("tl.sqrt({0})", ATOM), Op.RSQRT: ("tl.rsqrt({0})", ATOM), Op.TANH: ("tanh({0})", ATOM),
-    Op.SIGMOID: ("tl.sigmoid({0})", ATOM), Op.SOFTPLUS: ("softplus({0})", ATOM),
+    Op.SIGMOID: ("sigmoid({0})", ATOM), Op.SOFTPLUS: ("softplus({0})", ATOM),
     Op.RELU: ("tl.maximum({0}, 0)", ATOM), Op.ABS: ("tl.abs({0})", ATOM), Op.SIGN: ("sign({0})", ATOM),
     Op.FLOOR: ("tl.floor({0})", ATOM), Op.CEIL: ("tl.ceil({0})", ATOM),
     Op.MIN: ("tl.minimum({0}, {1})", ATOM), Op.MAX: ("tl.maximum({0}, {1})", ATOM),
@@ -41,6 +41,7 @@ TABLE: dict[Op, tuple] = {
     Op.FLOORDIV: ("py_floordiv({0}, {1})", ATOM), Op.MOD: ("py_mod({0}, {1})", ATOM),   # triton's truncate
     Op.POW: ("tl.exp2({1} * tl.log2({0}))", ATOM, 11),               # non-integer exponents only (lower_ops)
 }
+LN2_TEXT = f" * {number(LN2)}"
 SIZE_VARS = {"B": "B", "H": "H", "HKV": "HKV", "Q": "N_Q", "KV": "N_KV", "D": "HEAD_DIM"}
 NEG_INF = 'float("-inf")'
 # how the indices print, by the plan's parallel rank: rows are the parallel rank's tile
@@ -68,6 +69,9 @@ def target_for(parallel: str, alias: dict[str, str] | None = None, rows: frozens
     def custom(n: Node, parts: list[str]) -> tuple[str, int] | None:
         if n.op is Op.DIVZ and per_row(n.src[1]) and not per_row(n.src[0]):
             return f"divz_rows({parts[0]}, {parts[1]})", ATOM      # the divisor's reciprocal once per row
+        if n.op is Op.SIGMOID and n.src[0].op is Op.MUL and n.src[0].src[1] == E.const(LN2) \
+                and parts[0].endswith(LN2_TEXT):
+            return f"sigmoid2({parts[0][:-len(LN2_TEXT)]})", ATOM    # sigmoid(x ln 2) of a base-2 x (base2 pass)
         return None
 
     def leaf(n: Node) -> str:
@@ -98,6 +102,54 @@ def target_for(parallel: str, alias: dict[str, str] | None = None, rows: frozens
     return Target(TABLE, leaf, load, custom=custom)
 
 
+# what a value is on the pairs a tile drops, once the score there is -inf: the lattice of `at_dropped`
+NEG, ZERO, FINITE, OTHER = "-inf", "0", "finite", "other"
+VANISH_AT_NEG = {Op.EXP, Op.EXP2, Op.RELU, Op.SIGMOID, Op.SOFTPLUS}     # f(-inf) = 0 exactly, never NaN
+
+
+def at_dropped(n: Node, masked: set[str], finite: set[str]) -> str:
+    """n's value at a dropped pair, where the values named in `masked` are -inf and those in `finite` are
+    finite: -inf, exactly 0, finite, or anything else. A value that is 0 there needs no select to drop it."""
+    memo: dict[Node, str] = {}
+    for x in n.walk():
+        k = [memo[y] for y in x.src]
+        if x.op is Op.TENSOR:
+            out = NEG if x.arg in masked else FINITE if x.arg in finite else OTHER
+        elif x.op is Op.CONST:
+            out = ZERO if x.arg == 0 else FINITE if math.isfinite(x.arg) else OTHER
+        elif x.op in (Op.INDEX, Op.SIZE):
+            out = FINITE
+        elif x.op is Op.TOFLOAT:
+            out = k[0] if k[0] in (ZERO, FINITE) else OTHER
+        elif x.op in VANISH_AT_NEG:
+            out = ZERO if k[0] == NEG else OTHER
+        elif x.op is Op.MAX:                                          # max(-inf, 0) = 0: relu
+            out = ZERO if sorted(k) == sorted([NEG, ZERO]) else OTHER
+        elif x.op in (Op.ADD, Op.SUB):
+            a, b = k
+            if OTHER in k or (x.op is Op.SUB and b == NEG):
+                out = OTHER                     # finite - (-inf) is +inf, -inf - (-inf) is NaN
+            elif NEG in k:
+                out = NEG                       # -inf plus or minus a finite value, or -inf + -inf
+            else:
+                out = ZERO if a == b == ZERO else FINITE
+        elif x.op is Op.MUL:
+            a, b = k
+            c = [y.arg for y in x.src if y.op is Op.CONST]
+            if NEG in k:                        # -inf times a positive constant
+                out = NEG if c and isinstance(c[0], (int, float)) and c[0] > 0 else OTHER
+            elif ZERO in k:
+                out = ZERO if {a, b} <= {ZERO, FINITE} else OTHER
+            else:
+                out = FINITE if {a, b} <= {FINITE} else OTHER
+        elif x.op is Op.NEG:
+            out = k[0] if k[0] in (ZERO, FINITE) else OTHER
+        else:
+            out = OTHER
+        memo[x] = out
+    return memo[n]
+
+
 def _reads(e: Node) -> set[str]:
     return {x.arg for x in e.walk() if x.op is Op.TENSOR}
 
@@ -121,10 +173,32 @@ class _Render:
         self.scaled = scaled_names(plan) if plan.base2 else set()
         self.param_args = self._param_args()
         self.matrix_loads = [x for x in plan.loads if x.width is not None]
+        # the logit tile holds q.k times dot_scale; every read of it multiplies by late_scale (see the pass)
+        scaled_dot = any(d.scaled for p in plan.passes for d in p.dots)
+        late = E.make(Op.MUL, value("qk"), value("late_scale"))
+        self.late = {value(n): late for n in ("qk", "s") if n == "qk" or self.alias.get(n) == "qk"} \
+            if scaled_dot else {}
         self.row_loads = [x for x in plan.loads if x.width is None]
 
     def text(self, e: Node) -> str:
-        return self.t.text(e)
+        return self.t.text(self.late_scaled(e) if self.late else e)
+
+    def late_scaled(self, root: Node) -> Node:
+        """root reading the logit tile times late_scale: qk -> qk * late_scale, and c * qk -> qk * (c *
+        late_scale), one multiply per element where the constant would make two."""
+        memo: dict[Node, Node] = {}
+        for n in root.walk():
+            if n in self.late:
+                memo[n] = self.late[n]
+                continue
+            if n.op is Op.MUL and any(x in self.late for x in n.src) and any(
+                    x.op is Op.CONST and x.dtype == E.FLOAT for x in n.src):
+                c, logit = sorted(n.src, key=lambda x: x in self.late)
+                memo[n] = E.make(Op.MUL, logit, E.make(Op.MUL, c, value("late_scale")))
+                continue
+            srcs = tuple(memo[x] for x in n.src)
+            memo[n] = n if srcs == n.src else Node(n.op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc)
+        return memo[root]
 
     def row_values(self) -> set[str]:
         """Plan values with one number per row of the tile: row loads, the prologue's, Δ, the states that
@@ -242,12 +316,17 @@ class _Render:
             transposed[x.name] = as_b and not as_operand
             setup.append(self.step_pointers(x, transposed[x.name]))
             step_loads.append(self.load_line(x, "step", transposed[x.name]))
+        if any(d.scaled for d in p.dots):
+            setup += ["# the logit's scale: after the row max where it is positive (max(x) * c = max(x * c) for c > 0),",
+                      "# so that each exponent takes it in its multiply-add; on the product itself otherwise",
+                      "if POS_SCALE:", "    dot_scale, late_scale = 1.0, qk_scale", "else:",
+                      "    dot_scale, late_scale = qk_scale, 1.0"]
         setup.append(f"{start} = tl.load(tiles + lo) * {block}")
         advance = [f"{start} = tl.load(tiles + i + 1) * {block}  # the list holds one entry past its last tile"]
         dots = []
         for d in p.dots:
             b = d.b if transposed.get(d.b, True) else f"tl.trans({d.b})"
-            scale = " * qk_scale" if d.scaled else ""
+            scale = " * dot_scale" if d.scaled else ""
             dots.append((f"compute {d.name}", d.name,
                          f"tl.dot({d.a}, {b}, input_precision=INPUT_PRECISION){scale}"))
         score_lines = []
@@ -261,15 +340,29 @@ class _Render:
             mask_lines = self.assigns(mlines)
             if mnames["keep"] != "keep":
                 mask_lines.append(("keep", mnames["keep"]))
+        # -- what the dropped pairs need: a score of -inf there makes every value that vanishes at -inf 0 --
+        s_var = self.alias.get("s", "s")
+        dropped = lambda v: at_dropped(v, {"s", s_var}, {f"{m.name}_ref" for m in p.maxes})    # noqa: E731
         # -- maxima --
         max_lines, max_names = self.names((i, "max"))
         updates_max = []
+        unmasked = set()           # states whose tiles need no select once the score is masked
         for s in p.states:
             v = max_names.get(f"{s.name}_tile")
             if s.kind == "max":
                 new = s.name.replace("m_i", "m_ij") if s.name.startswith("m_i") else f"{s.name}_new"
-                updates_max.append(f"{new} = tl.maximum({s.name}, tl.max(tl.where(keep, {v}, {NEG_INF}), 1, "
-                                   f"keep_dims=True))")
+                raw = self.late and s.value in self.late        # the row max of the logit itself: scaled after
+                v = "qk" if raw else v
+                tile = v if dropped(s.value) == NEG else f"tl.where(keep, {v}, {NEG_INF})"
+                if dropped(s.value) == NEG:
+                    unmasked.add(s.name)
+                if raw:             # partial tiles scale first: with the mask's select, fewer values stay live
+                    updates_max += ["if IS_FULL:",
+                                    f"    {new} = tl.maximum({s.name}, tl.max({tile}, 1, keep_dims=True) * late_scale)",
+                                    "else:",
+                                    f"    {new} = tl.maximum({s.name}, tl.max({tile} * late_scale, 1, keep_dims=True))"]
+                else:
+                    updates_max.append(f"{new} = tl.maximum({s.name}, tl.max({tile}, 1, keep_dims=True))")
                 updates_max.append(f"{s.name}_ref = tl.where({new} == {NEG_INF}, 0.0, {new})  "
                                    f"# a row with nothing kept yet")
             elif s.kind == "argmax":
@@ -289,15 +382,19 @@ class _Render:
         updates = []
         dot = next((s for s in p.states if s.kind == "dot" and s.operand == "v"), None)
         pre, sums, products = [], [], []
+        for s in p.states:
+            if s.kind in ("sum", "dot") and dropped(s.value) == ZERO:
+                unmasked.add(s.name)
+        kept = lambda s, v: v if s.name in unmasked else f"tl.where(keep, {v}, 0.0)"     # noqa: E731
         if dot is not None:             # the weights p, masked once: P V and the row sums of P read them
             v = val_names["p" if "p" not in dict(p.defs) else f"{dot.name}_tile"]
-            if not (v == "p" and self._masked_def(dot.value, p)):
-                pre.append(f"p = {v if self._masked_def(dot.value, p) else f'tl.where(keep, {v}, 0.0)'}")
+            if not (v == "p" and (self._masked_def(dot.value, p) or dot.name in unmasked)):
+                pre.append(f"p = {v if self._masked_def(dot.value, p) else kept(dot, v)}")
         for s in p.states:
             if s.kind != "sum":
                 continue
             v = val_names[f"{s.name}_tile"]
-            tile = "p" if dot is not None and s.value == dot.value else f"tl.where(keep, {v}, 0.0)"
+            tile = "p" if dot is not None and s.value == dot.value else kept(s, v)
             scaled = " * ".join([s.name] + [alpha_of[r] for r in s.rescale])
             sums.append(f"{s.name} = {scaled} + tl.sum({tile}, 1, keep_dims=True)")
         for s in p.states:
@@ -307,7 +404,7 @@ class _Render:
                 w = "p"
             else:
                 v = val_names[f"{s.name}_tile"]
-                w = v if self._masked_def(s.value, p) else f"tl.where(keep, {v}, 0.0)"
+                w = v if self._masked_def(s.value, p) else kept(s, v)
             operand = s.operand if not transposed.get(s.operand, False) else f"tl.trans({s.operand})"
             alpha = " * ".join(alpha_of[r] for r in s.rescale)
             if alpha:
@@ -330,7 +427,9 @@ class _Render:
         if finals:
             updates.append(("the new maxima", finals))
         states = [s.name for s in p.states] + [f"{s.name}_max" for s in p.states if s.kind == "argmax"]
-        out = {"number": i, "setup": setup, "header": header, "step_loads": step_loads, "dots": dots,
+        mask_score = f"{s_var} = tl.where(keep, {s_var}, {NEG_INF})  # dropped pairs: exp2 of -inf is 0" \
+            if unmasked else None
+        out = {"number": i, "setup": setup, "mask_score": mask_score, "header": header, "step_loads": step_loads, "dots": dots,
                "score_lines": score_lines, "bounds": bounds, "loop_check": "CHECK_N" if lp == "n" else "CHECK_M",
                "advance": advance, "mask_lines": mask_lines, "max_lines": self.assigns(max_lines),
                "updates_max": updates_max, "alphas": alphas, "value_lines": value_lines, "updates": updates,
@@ -399,6 +498,7 @@ class _Render:
             n for n, _ in r["mask_lines"]} | {n for n, _ in r["max_lines"]} | {n for n, _ in r["alphas"]} | {
             n for n, _ in r["value_lines"]} | {"keep", "i", "start_n", "start_m"}
         defined |= {line.split(" = ")[0] for line in r["setup"] + r["step_loads"] + r["updates_max"] + r["header"]}
+        defined |= {"dot_scale", "late_scale"}
         earlier = [st.name for q in self.plan.passes[:self.plan.passes.index(p)] for st in q.states]
         candidates = (states + earlier + [x.name for x in self.plan.loads if x.at == "program"] +
                       [x for x in self.program_values()] +
@@ -428,7 +528,7 @@ class _Render:
                 args.append(a)
         targets = ", ".join(states)
         const = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DMODEL=BLOCK_DMODEL, BLOCK_DV=BLOCK_DV, " \
-                "PAD_D=PAD_D, PAD_DV=PAD_DV, DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
+                "PAD_D=PAD_D, PAD_DV=PAD_DV, POS_SCALE=POS_SCALE, DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
         loop_check, par_check = (r["loop_check"], "CHECK_M" if self.par == "m" else "CHECK_N")
         out = []
         for full, lst, lo, hi in ((False, "IDX", "lo", "hi"), (True, "FULL_IDX", "full_lo", "full_hi")):
@@ -606,7 +706,8 @@ class _Render:
                   "SPLIT_KV = N_SPLITS > 1",
                   "# what the kernel checks, as constexprs: no test, mask or select is compiled where none can fail",
                   "CHECK_M, CHECK_N = N_Q % BLOCK_M != 0, N_KV % BLOCK_N != 0  # a ragged last tile of queries, keys",
-                  "PAD_D, PAD_DV = BLOCK_DMODEL != HEAD_DIM, BLOCK_DV != HEAD_DIM_V  # head dims padded to a power of 2"]
+                  "PAD_D, PAD_DV = BLOCK_DMODEL != HEAD_DIM, BLOCK_DV != HEAD_DIM_V  # head dims padded to a power of 2",
+                  "POS_SCALE = sm_scale > 0  # the scale commutes with the row max"]
         for s in self.split_states():
             dot = next(x for x in plan.passes[-1].states if x.name == s).kind == "dot"
             setup.append(f"ws_{s} = torch.empty((N_SPLITS, B * H, N_Q{', HEAD_DIM_V' if dot else ''}), "
