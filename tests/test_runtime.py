@@ -1,4 +1,4 @@
-"""The compiled object: the on-disk cache, dtypes, scale, shapes, IR text and const overrides."""
+"""The compiled object: the on-disk cache, dtypes, scale, shapes, IR text, const overrides, and calls at the edges."""
 from __future__ import annotations
 
 import math
