@@ -192,9 +192,9 @@ def package_copy(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("rel", ["attnc/backends/codegen.py", "attnc/ir/printer.py", "attnc/plan.py",
-                                 "attnc/passes/online.py", "templates/torch/forward.py.j2",
-                                 "templates/triton/forward.py.j2", "grammar/attn.lark"])
+@pytest.mark.parametrize("rel", ["attnc/backends/codegen.py", "attnc/ir/printer.py", "attnc/plan/build.py",
+                                 "attnc/passes/online.py", "templates/torch/kernel.py.j2",
+                                 "templates/triton/kernel.py.j2", "grammar/attn.lark"])
 def test_an_edit_to_any_file_that_shapes_code_changes_the_key(package_copy, rel):
     digest = cache._sources_digest.__wrapped__
     before = digest()

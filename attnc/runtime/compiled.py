@@ -20,6 +20,7 @@ from attnc.passes import BACKWARD_PASS_NAMES, PASS_NAMES, run_pipeline
 from attnc.passes.block_sparsity import FULL, PARTIAL
 from attnc.passes.bounds import IntRange, check_at_call
 from attnc.plan import PLAN_PASSES, KernelPlan, build_plans, run_plan_passes
+from attnc.plan.model import fingerprint
 from attnc.plan.text import plan_text
 from attnc.runtime import cache, op
 from attnc.runtime.reference import reference
@@ -110,7 +111,7 @@ class Compiled:
         out = []
         for plan in build_plans(c):
             plan = run_plan_passes(plan, be.PLAN_PASSES)
-            key = cache.cache_key(target, self.variant.key(), repr(plan), cache.code_version(be))
+            key = cache.cache_key(target, self.variant.key(), fingerprint(plan), cache.code_version(be))
             source, path = cache.cached_source(plan.name, key, lambda p=plan: be.render(p))
             out.append(Kernel(plan, source, be.load_kernel(source, plan.name, path)))
         return out
@@ -153,7 +154,7 @@ class Compiled:
             run_plan_passes(plan, backend_module(target).PLAN_PASSES, stop, ptrace)
             for name, p in (ptrace if stages else ptrace[-1:]):
                 parts.append(f"-- plan after {name} ({target}) --")
-                parts.append(plan_text(p))
+                parts.append(plan_text(p, backend_module(target).BLOCKS_TEXT))
         return "\n".join(parts)
 
     @property
