@@ -350,8 +350,6 @@ def test_a_param_read_at_a_constant_index_end_to_end(backend):
         attn(q, k, v, ids=torch.tensor([5, 0, 1], dtype=torch.int32), tab=tab)
 
 
-@pytest.mark.xfail(strict=True, reason="the call-time bounds check ranges ids[0] over every entry of ids (its min "
-                                       "and max), so an unread entry out of tab's range refuses a safe call")
 def test_a_constant_index_is_checked_at_the_entry_it_reads():
     attn = attnc.compile(CONST_INDEX)
     q, k, v = qkv(1, 2, 2, 5, 5, 8)

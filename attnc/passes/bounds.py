@@ -162,8 +162,14 @@ def domain_leaf(sizes: dict[str, int], params: dict):
             return sizes[n.arg], sizes[n.arg]
         if n.op is Op.TENSOR:
             return (0, 1) if n.dtype == "bool" else (-INF, INF)
+        t = params[n.arg]
+        if n.src and all(i.op is Op.CONST for i in n.src):      # ids[0]: that one entry, not the whole range
+            at = tuple(int(i.arg) for i in n.src)
+            if len(at) == t.dim() and all(0 <= a < d for a, d in zip(at, t.shape)):
+                v = int(t[at].item())
+                return v, v
+            return 0, 0                                         # out of range: the access fails its own check
         if n.arg not in seen:
-            t = params[n.arg]
             # nothing to read: the access fails its own check
             seen[n.arg] = (int(t.min().item()), int(t.max().item())) if t.numel() else (0, 0)
         return seen[n.arg]
