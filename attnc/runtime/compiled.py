@@ -57,8 +57,8 @@ class Compiled:
     """attn(q, k, v, *, scale=None, return_lse=False, **params) for one variant.
 
     q [B, H, Q, D], k [B, HKV, KV, D], v [B, HKV, KV, Dv], float32/float16/bfloat16/float64; H a multiple of
-    HKV. Returns out [B, H, Q, Dv] in q's dtype (and lse [B, H, Q] in float32; float64 for float64 inputs on the torch backend,
-    with return_lse=True). Params are keyword arguments, tensors shaped as the spec declares them.
+    HKV. Returns out [B, H, Q, Dv] in q's dtype (and lse [B, H, Q] with return_lse=True: float32, float64 for
+    float64 inputs on the torch backend). Params are keyword arguments, tensors shaped as the spec declares them.
     Differentiable with respect to q, k, v and every float param, on both backends: when any of them
     requires grad, the call records a backward that runs attnc's derived backward kernels. A call is one
     attnc::attention op, so torch.compile (fullgraph, dynamic shapes) and torch.export trace it whole.
