@@ -93,6 +93,8 @@ class Compiled:
 
     def plans(self, target: str = "torch", return_lse: bool = False, backward: bool = False,
               save: bool = False) -> tuple[KernelPlan, ...]:
+        """The plans of one direction's kernels for a target, after its plan passes (backward: preprocess,
+        dq, dkdv on Triton; one fused kernel on torch)."""
         return tuple(k.plan for k in self._compiled(target, return_lse, backward, save))
 
     def plan(self, return_lse: bool = False, target: str = "torch") -> KernelPlan:
@@ -194,6 +196,14 @@ class Compiled:
 
     # -- calling --
     def __call__(self, q, k, v, *, scale: float | None = None, return_lse: bool = False, **params):
+        """Attention of q [B, H, Q, D] over k [B, HKV, KV, D] and v [B, HKV, KV, Dv].
+
+        scale: the logit scale (default 1/sqrt(D)), a real number or a 0-d tensor. return_lse: also return
+        the log-sum-exp of each row's kept scores, [B, H, Q] (-inf for a row that keeps nothing). params:
+        the variant's params by name (see .param_specs). CPU tensors run the torch backend, CUDA tensors the
+        Triton one, unless compile() named a backend. Differentiable in q, k, v and every float param.
+        Raises CallError naming the argument for a bad shape, dtype, device or value.
+        """
         if not isinstance(return_lse, bool):
             raise CallError(f"return_lse must be True or False, got {return_lse!r}")
         _, params, scale = self._validate(q, k, v, scale, params)
@@ -273,6 +283,7 @@ class Compiled:
         return results
 
     def launch(self, target: str, kernel: Kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:
+        """One kernel on a call's tensors (by cascade name), through its backend; its results by name."""
         be = backend_module(target)
         return be.launch(self, kernel, tensors, scale, params, sizes)
 
