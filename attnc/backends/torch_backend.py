@@ -3,18 +3,21 @@
 Tiles are [B, HKV, GROUP, BLOCK_M, BLOCK_N]: every batch and head at once, the query heads that share a
 kv head stacked so one bmm serves the group (GQA). Index variables are broadcastable aranges. Programs run
 one after another, so a kernel over query tiles may add into the key tiles' outputs as it goes: the backward
-is one kernel that carries dQ and accumulates dK and dV."""
+is one kernel that carries dQ and accumulates dK and dV. A plan of plain softmax attention runs spans of key
+tiles through SDPA's fused CPU kernel instead (sdpa_pass, torch_spans.py). How a call is tiled is
+torch_schedule.py's. A call changes no process-wide state: ATTNC_HEAP_TILES=1 opts into glibc's larger mmap
+threshold (keep_tiles_in_the_heap)."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import math
+import os
 from collections import Counter
 
-import torch
-
+from attnc.backends import torch_spans
 from attnc.backends.codegen import Target, render_template
+from attnc.backends.torch_schedule import Schedules, blocks_text
 from attnc.ir import expr as E
 from attnc.ir.expr import Node, Op
 from attnc.ir.printer import ATOM, INFIX, number
@@ -23,27 +26,9 @@ from attnc.plan.model import KernelPlan, State, value
 NAME = "torch"
 ACCUMULATES_IN_ORDER = True
 BLOCK_M, BLOCK_N = 256, 512
-# tile shapes the runtime chooses from per call (the kernel takes its tiles as an argument)
-TILE_SHAPES = ((256, 512), (256, 256), (128, 256), (128, 128), (64, 128))
-BLOCKS_TEXT = ("BLOCK_M x BLOCK_N chosen per call among " + ", ".join(f"{m}x{n}" for m, n in TILE_SHAPES)
-               + " by a cost model of the classified tiles (banded masks take small tiles, dense ones large)")
-PLAN_PASSES = ("promote", "literals", "hoist", "cse")
-# a model of this backend on a CPU, fitted to causal and sliding-window runs (BENCHMARKS.md): seconds per
-# score element of a full tile, the factor for a partial tile (mask evaluated and applied), and the fixed
-# cost of visiting a tile (~20 torch ops)
-ELEMENT_S, PARTIAL_FACTOR, TILE_S = 1.65e-9, 2.1, 7e-5
-
-
-def tile_cost(tiles: list, block_m: int, sizes: dict) -> float:
-    """Estimated seconds to run `tiles` (from Compiled.tiles) with query tiles of block_m rows."""
-    heads = sizes["B"] * sizes["H"]
-    total = 0.0
-    for start_m, kv in tiles:
-        rows = min(block_m, sizes["Q"] - start_m)
-        for start_n, end_n, full in kv:
-            area = rows * (end_n - start_n) * heads
-            total += area * ELEMENT_S * (1.0 if full else PARTIAL_FACTOR) + TILE_S
-    return total
+BLOCKS_TEXT = blocks_text()
+PLAN_PASSES = ("promote", "identities", "weights", "rowdiv", "literals", "hoist", "factor", "cse")
+SCHEDULES = Schedules()
 
 
 TABLE: dict[Op, tuple[str, int]] = {
@@ -84,9 +69,28 @@ def load(n: Node, idx: list[str]) -> str:
 
 
 def masked_where(n: Node, parts: list[str]) -> tuple[str, int] | None:
-    """where(keep, x, fill) reads the mask, which a full tile does not compute: masked() passes x through."""
-    if n.op is Op.WHERE and n.src[0] == KEEP:
-        return f"masked({parts[1]}, keep, {parts[2]})", ATOM
+    """where(keep, x, fill) reads the mask, which a full tile does not compute: masked() passes x through.
+    A fresh tile x (computed right here from the tile's products) is filled in place instead of copied."""
+    if n.op is not Op.WHERE or n.src[0] != KEEP:
+        return None
+    x = n.src[1]
+    if x.op in FRESH and not parts[1].isidentifier() and _reads(x) & TILE_PRODUCTS:
+        return f"({parts[1]} if drop is None else {parts[1]}.masked_fill_(drop, {parts[2]}))", ATOM
+    return f"masked({parts[1]}, keep, {parts[2]})", ATOM
+
+
+BINARY_INPLACE = {Op.ADD: "add_", Op.SUB: "sub_", Op.MUL: "mul_", Op.DIV: "div_"}
+
+
+def tile_text(n: Node, parts: list[str]) -> tuple[str, int] | None:
+    """masked_where, and a binary op whose left operand is a fresh tile computed right here overwrites it
+    ((dp * r1).add_(g1)): the result has the tile's shape, so no other tile is allocated."""
+    hit = masked_where(n, parts)
+    if hit is not None or n.op not in BINARY_INPLACE or n.dtype != E.FLOAT:
+        return hit
+    x = n.src[0]
+    if x.op in FRESH and not parts[0].isidentifier() and _reads(x) & TILE_PRODUCTS:
+        return f"({parts[0]}).{BINARY_INPLACE[n.op]}({parts[1]})", ATOM
     return None
 
 
@@ -96,7 +100,7 @@ INPLACE = {op: (f"{{0}}.{name}_()", ATOM, ATOM) for op, name in (
     (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))} | {
     op: (f"{{0}}.{name}_({{1}})", ATOM, ATOM) for op, name in (
         (Op.SUB, "sub"), (Op.ADD, "add"), (Op.MUL, "mul"), (Op.DIV, "div"))}
-TARGET = Target(TABLE, leaf, load, INPLACE, custom=masked_where)
+TARGET = Target(TABLE, leaf, load, INPLACE, custom=tile_text)
 # Per-pair weights exp(x - m) of a running max m of x: the argument is clamped at -87 (exp(-87) ~ 1.6e-38,
 # still a normal float). Far-away keys (ALiBi, long rows) otherwise send exp down its underflow path, about
 # ten times slower on a CPU; the weights that changes are below 1e-37 and join a row sum of at least 1 (the
@@ -107,7 +111,7 @@ EXP_FLOOR = -87.0
 def _clamped_exp(maxima: dict[str, Node]):
     """custom printing: exp(x - m_ref) of a running max m of x is clamped (see EXP_FLOOR)."""
     def custom(n: Node, parts: list[str]) -> tuple[str, int] | None:
-        hit = masked_where(n, parts)
+        hit = tile_text(n, parts)
         if hit is not None or n.op is not Op.EXP:
             return hit
         a = n.src[0]
@@ -118,11 +122,18 @@ def _clamped_exp(maxima: dict[str, Node]):
     return custom
 
 
+HEAP_TILES = "ATTNC_HEAP_TILES"          # set to 1: raise glibc's mmap threshold for this process (opt-in)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
 @functools.lru_cache(maxsize=1)
 def keep_tiles_in_the_heap() -> bool:
-    """Raise glibc's mmap threshold to its maximum (32 MiB) once per process, so the per-tile temporaries
-    (a few MiB each) are recycled from the heap instead of being mapped and page-faulted on every tile.
-    This roughly halves the torch backend's time on large tiles; without glibc it does nothing."""
+    """With ATTNC_HEAP_TILES=1, raise glibc's mmap threshold to its maximum (32 MiB) once per process, so
+    tile temporaries of a few MiB are recycled from the heap instead of being mapped and page-faulted at
+    every tile. It changes how the whole process allocates, so it is the caller's choice, never a default
+    (BENCHMARKS.md records what it buys); without glibc it does nothing."""
+    if os.environ.get(HEAP_TILES, "") != "1":
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
@@ -130,21 +141,69 @@ def keep_tiles_in_the_heap() -> bool:
         return False
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# -- plain softmax through SDPA's fused CPU kernel --
+# A plan whose one pass is plain softmax attention (the score is the scaled logit, the weights exp(s - m) / l,
+# any mask) runs a span of like key tiles per call of torch's fused CPU kernel, which returns each row's
+# log-sum-exp besides the output: full spans without a mask, partial ones with it as an additive bias. The
+# forward merges the spans into the plan's own states: l_i = sum exp(s - m_i) holds for any reference m_i,
+# and everything read of them (out = acc / l_i, lse = m_i + log l_i, the saved m1 and l1 the backward reads
+# as exp(s - m1) / l1) is the same for every choice. The backward hands each span to the kernel's backward
+# with the row's lse over all its keys, so the span's share of dQ, dK and dV comes out as the loop's would.
 
 
-@contextlib.contextmanager
-def flush_denormals():
-    """Flush denormal floats to zero while a kernel runs. exp(s - m) of far-away keys (ALiBi, long rows)
-    lands in the denormal range, where x86 arithmetic is many times slower; the weights lost are below
-    1e-38 of the row's largest. The caller's setting is restored after."""
-    was_on = torch.tensor([1e-39]).mul(1.0).item() == 0.0     # torch has no getter: probe it
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if not was_on:
-            torch.set_flush_denormal(False)
+def _role_of(plan: KernelPlan, name: str | None) -> str | None:
+    x = plan.load(name) if name else None
+    return x.role if x is not None else None
+
+
+def sdpa_pass(plan: KernelPlan) -> dict | None:
+    """The plan values a fused rendering names when the plan is one pass of plain softmax attention, else None
+    (the tile loop renders it): forward m, l, acc (the states); backward dq (the state), dk, dv (the
+    scattered outputs), m, l (the saved statistics) and o (the saved output)."""
+    v = plan.variant
+    if v.norm_kind != "softmax" or v.score.op is not Op.SCORE or len(plan.passes) != 1 or plan.row_grads:
+        return None
+    p = plan.passes[0]
+    s = value("s")
+    if plan.score != value("qk") or p.grads or p.after or not any(d.name == "qk" and d.scaled for d in p.dots):
+        return None
+    if plan.kind == "forward":
+        m = next((x for x in p.states if x.kind == "max" and x.value == s), None)
+        if m is None or len(p.states) != 3 or p.scatters:
+            return None
+        weight = E.make(Op.EXP, s - value(f"{m.name}_ref"))
+        like = lambda x: x.value == weight and x.rescale == ((m.name, 1.0),)
+        l = next((x for x in p.states if x.kind == "sum" and like(x)), None)
+        acc = next((x for x in p.states if x.kind == "dot" and like(x) and _role_of(plan, x.operand) == "v"), None)
+        return None if l is None or acc is None else {"m": m.name, "l": l.name, "acc": acc.name}
+    if plan.kind != "backward" or any(x.role == "dlse" for x in plan.loads) or len(p.states) != 1:
+        return None
+    dq = p.states[0]
+    by_role = {_role_of(plan, sc.operand): sc for sc in p.scatters}
+    dk, dv = by_role.get("q"), by_role.get("dout")
+    if dq.kind != "dot" or _role_of(plan, dq.operand) != "k" or len(p.scatters) != 2 or not dk or not dv:
+        return None
+    defs = dict(p.defs)
+    weight = defs.get(dv.value.arg) if dv.value.op is Op.TENSOR else None
+    if weight is None:
+        return None
+    # the weight is exp(s - m1) /? l1 (under the mask), or exp(s - lse) with the row's lse from them (the
+    # weights pass): m1 and l1 are the saved row statistics
+    ref = next((n.src[0].src[1] for n in weight.walk() if n.op is Op.EXP and n.src[0].op is Op.SUB
+                and n.src[0].src[0] == s and n.src[0].src[1].op is Op.TENSOR), None)
+    lse = dict(plan.prologue).get(ref.arg) if ref is not None else None
+    if lse is not None and lse.op is Op.WHERE and lse.src[2].op is Op.ADD and lse.src[2].src[1].op is Op.LOG:
+        m, l = lse.src[2].src[0], lse.src[2].src[1].src[0]
+        m, l = (m.arg if m.op is Op.TENSOR else None), (l.arg if l.op is Op.TENSOR else None)
+    else:
+        m = ref.arg if ref is not None else None
+        l = next((n.src[1].arg for n in weight.walk() if n.op in (Op.DIV, Op.DIVZ) and n.src[1].op is Op.TENSOR),
+                 None)
+    o = next((x.name for x in plan.loads if x.role == "saved" and x.width is not None), None)
+    if not (m and l and o) or {_role_of(plan, m), _role_of(plan, l)} != {"saved"}:
+        return None
+    return {"dq": dq.name, "dk": dk.target, "dv": dv.target, "m": m, "l": l, "o": o,
+            "do": next(x.name for x in plan.loads if x.role == "dout")}
 
 
 SIZE_SOURCES = {"B": "B", "H": "H", "HKV": "HKV", "Q": "N_Q", "KV": "N_KV", "D": "HEAD_DIM"}
@@ -161,6 +220,7 @@ def _new(s: State) -> str:
 
 
 # operations whose result is always a new tensor (never one of their operands): safe to overwrite later
+TILE_PRODUCTS = {"qk", "dp", "s"}          # full tiles [B, HKV, GROUP, rows, cols]: so is what is computed from them
 FRESH = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.EXP2, Op.TANH, Op.SIGMOID, Op.DIVZ, Op.LOG, Op.SQRT}
 
 
@@ -172,6 +232,7 @@ class _Render:
         self.lines = plan.lines
         self.kernel_names: set[str] = set()
         self.exprs = plan.exprs() + [e for region in plan.lines.values() for _, e in region[0]]
+        self.fused = sdpa_pass(plan)
 
     def text(self, e: Node, target: Target = TARGET) -> str:
         return target.text(e)
@@ -250,7 +311,7 @@ class _Render:
         return out
 
     def riders(self) -> bool:
-        return any(self.rider_names(p) for p in self.plan.passes)
+        return not self.fused and any(self.rider_names(p) for p in self.plan.passes)
 
     @staticmethod
     def rider_names(p) -> list[str]:
@@ -287,6 +348,52 @@ class _Render:
         slices += [(n, f"({a}_t * {b}_t).sum(-1, keepdim=True)  # rowsum({a} * {b})") for n, a, b in self.plan.rowdots]
         return kernel, slices + program
 
+    def fused_program_lines(self) -> tuple[list, list]:
+        """kernel_and_program_lines of a fused plan: the query tile's slices, the prologue values the mask and
+        the epilogue read (the backward's row values are the SDPA kernel's business), and for the backward
+        each row's lse over all its keys (+inf where a row keeps none: its weights exp(s - lse) are 0)."""
+        plan, f = self.plan, self.fused
+        need: set[str] = set()
+        regions = [self.lines[r][0] for r in ("mask", "epilogue") if r in self.lines]
+        for e in [e for lines in regions for _, e in lines] + [s.value for s in plan.stores]:
+            need |= _reads(e)
+        for n, e in reversed(self.lines["prologue"][0]):
+            if n in need:
+                need |= _reads(e)
+        loads = {x.name for x in plan.loads}
+        kernel, program = [], []
+        for x in plan.loads:
+            if x.at == "program":
+                program.append((x.name if x.width is None else f"{x.name}_t", f"{x.name}_all[:, :, :, start_m:end_m]"))
+        for n, e in self.lines["prologue"][0]:
+            if n in need:
+                per_program = "q_idx" in E.free_indices(e) or _reads(e) & loads
+                (program if per_program else kernel).append((n, self.text(e)))
+                loads |= {n} if per_program else set()
+        if plan.kind == "backward":
+            program.append(("lse_t", f"torch.where({f['l']} == 0, math.inf, {f['m']} + torch.log({f['l']}))"))
+        return kernel, program
+
+    def fused_pass_values(self, i: int, p) -> dict:
+        """A fused pass: each span's call, and the merge of its result into the pass's states."""
+        f = self.fused
+        role = {x.role: x.name for x in self.plan.loads}
+        k, v = f"{role['k']}_all", f"{role['v']}_all"
+        if self.plan.kind == "forward":
+            width = WIDTHS[next(s.width for s in p.states if s.name == f["acc"])]
+            inits = [("parts", "[]  # each span's (out, lse)")]
+            lines = [f"part = spans.softmax_span({role['q']}_t, {k}, {v}, start_n, end_n, keep, {width})",
+                     "if part is not None:",
+                     "    parts.append(part)"]
+            finish = [f"{f['m']}, {f['l']}, {f['acc']} = spans.merge_spans(parts, {role['q']}_t[..., :1], {width})"]
+        else:
+            inits, finish = self.inits(p, []), []
+            lines = [f"spans.softmax_span_grad({f['dq']}, {f['dk']}_all, {f['dv']}_all, {f['do']}_t, {role['q']}_t, "
+                     f"{f['o']}_t, lse_t, {k}, {v}, start_n, end_n, keep)"]
+        return {"number": i, "inits": inits, "span_lines": lines, "finish_lines": finish,
+                "mask_lines": self.assigns(self.lines["mask"][0]) if self.plan.mask is not None else [],
+                "after_lines": self.assigns(self.lines[(i, "after")][0])}
+
     def program_tiles(self) -> set[str]:
         used = set()
         for p in self.plan.passes:
@@ -296,6 +403,8 @@ class _Render:
         return used
 
     def pass_values(self, i: int, p) -> dict:
+        if self.fused:
+            return self.fused_pass_values(i, p)
         plan = self.plan
         score_lines, s_var = [], None
         if plan.score is not None:
@@ -347,7 +456,7 @@ class _Render:
         val_lines, val_names = self.lines[(i, "values")]
         target = Target(TABLE, leaf, load, INPLACE, custom=_clamped_exp({f"{s.name}_ref": s.value for s in p.maxes}))
         tile_vars = {"s"} | {n for n, _ in self.lines["score"][0]} if score_wide else set()
-        value_lines = self.donating(val_lines, val_names, tile_vars | {"dp"}, target)
+        value_lines = self.donating(val_lines, val_names, tile_vars | {"dp"}, target, {n for n, _ in p.defs})
         updates = []
         alpha_of = {(m, c): a for a, m, c in p.alphas()}
         for s in p.states:
@@ -399,7 +508,10 @@ class _Render:
         if v.op is not Op.TENSOR or v.arg not in defs:
             return False
         e = defs[v.arg]
-        return e.op is Op.WHERE and e.src[0] == KEEP and e.src[2].op is Op.CONST and e.src[2].arg == 0
+        if e.op is not Op.WHERE or e.src[0] != KEEP:
+            return False
+        fill = e.src[2].src[0] if e.src[2].op is Op.TOFLOAT else e.src[2]      # the literals pass wraps it
+        return fill.op is Op.CONST and fill.arg == 0
 
     def wide(self, var: str, v: Node, p, lines: list) -> str:
         """The variable of a per-pair value; one that does not vary over the whole tile (it reads neither the
@@ -409,11 +521,12 @@ class _Render:
         lines.append((f"{var}_pairs", f"torch.as_tensor({var}, dtype=acc_dtype).expand_as(qk)"))
         return f"{var}_pairs"
 
-    def donating(self, lines, names: dict, tile_vars: set[str], target: Target) -> list[tuple[str, str]]:
+    def donating(self, lines, names: dict, tile_vars: set[str], target: Target,
+                 defs: set[str] = frozenset()) -> list[tuple[str, str]]:
         """Print the pass's value lines. A line whose first operand is a per-pair temporary that nothing reads
         afterwards overwrites it (sub_, mul_ ...) instead of allocating another tile. Only results that are
         surely fresh tensors count as temporaries: masked() may return its input itself."""
-        roots = set(names.values())                    # read by the updates after the lines
+        roots = {v for k, v in names.items() if k not in defs}      # read by the updates after the lines
         later, reads_after = [], set(roots)
         for _, e in reversed(lines):
             later.append(set(reads_after))
@@ -462,7 +575,7 @@ class _Render:
 def render(plan: KernelPlan) -> str:
     r = _Render(plan)
     results, returns = r.results()
-    kernel_lines, program_lines = r.kernel_and_program_lines()
+    kernel_lines, program_lines = r.fused_program_lines() if r.fused else r.kernel_and_program_lines()
     passes = [r.pass_values(i, p) for i, p in enumerate(plan.passes, 1)]
     args = []
     for x in plan.loads:
@@ -476,7 +589,7 @@ def render(plan: KernelPlan) -> str:
     v = plan.variant
     exprs = r.exprs
     return render_template(
-        "torch/kernel.py.j2", kernel_name=plan.name, kind=plan.kind, variant=v.name, source=ascii(v.file)[1:-1],
+        "torch/kernel.py.j2", kernel_name=plan.name, kind=plan.kind, fused=bool(r.fused), variant=v.name, source=ascii(v.file)[1:-1],
         notes=list(plan.notes), pass_count=plan.pass_count, args=args, doc=doc, setup=r.setup(),
         results=results, returns=returns, grad_params=r.grad_params(), kernel_lines=kernel_lines, program_lines=program_lines, passes=passes,
         epilogue_lines=r.assigns(r.lines["epilogue"][0]), stores=r.stores(),
@@ -492,11 +605,12 @@ def load_kernel(source: str, name: str, path):
 def launch(compiled, kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:
     """Run one kernel on a call's tensors (by cascade name: Q, K, V, dO, saved statistics ...); returns
     its results by name (plan.results())."""
-    keep_tiles_in_the_heap()
     plan = kernel.plan
-    block_m, tiles = compiled.schedule(plan, sizes, params, TILE_SHAPES, tile_cost)
+    block_m, tiles, fused = SCHEDULES.get(compiled, kernel, sizes, params, lambda: sdpa_pass(plan) is not None)
     args = {x.name: tensors[x.tensor] for x in plan.loads}
     args.update({f"p_{p.name}": params[p.name] for p in plan.params})
-    with flush_denormals():
-        got = kernel.run(**args, sm_scale=scale, tiles=tiles, BLOCK_M=block_m)
+    if fused:
+        args["spans"] = torch_spans
+    keep_tiles_in_the_heap()
+    got = kernel.run(**args, sm_scale=scale, tiles=tiles, BLOCK_M=block_m)
     return dict(zip(plan.results(), got))

@@ -8,10 +8,14 @@ from typing import Callable
 from attnc.plan.base2 import base2
 from attnc.plan.build import build_plans
 from attnc.plan.cse import cse
+from attnc.plan.factor import factor
 from attnc.plan.hoist import hoist
+from attnc.plan.identities import identities
 from attnc.plan.literals import literals
 from attnc.plan.lower_ops import lower_ops
 from attnc.plan.promote import promote
+from attnc.plan.rowdiv import rowdiv
+from attnc.plan.weights import weights
 from attnc.plan.model import KernelPlan, KVPass, Load, ParamGrad, Scatter, State, Store, TileDot
 from attnc.plan.verify import verify_plan
 
@@ -22,6 +26,10 @@ PLAN_PASSES: dict[str, Callable[[KernelPlan], KernelPlan]] = {
     "base2": base2,
     "hoist": hoist,
     "cse": cse,
+    "identities": identities,
+    "weights": weights,
+    "rowdiv": rowdiv,
+    "factor": factor,
 }
 
 __all__ = ["KernelPlan", "KVPass", "Load", "ParamGrad", "Scatter", "State", "Store", "TileDot", "PLAN_PASSES",
