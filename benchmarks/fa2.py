@@ -175,12 +175,12 @@ def fa2_bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, sm_scale,
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
-        # key tiles wholly left of the diagonal need no mask; the diagonal band does
-        diag = start_m * BLOCK_M
+        # key tiles wholly left of the diagonal need no mask; the band of key tiles the diagonal crosses does
+        diag = (start_m * BLOCK_M) // BLOCK_N * BLOCK_N
         dq = _fa2_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_m, stride_m, qk_scale, 0, diag,
                                offs_m, offs_n, BLOCK_N, False)
         dq = _fa2_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_m, stride_m, qk_scale, diag,
-                               diag + BLOCK_M, offs_m, offs_n, BLOCK_N, True)
+                               (start_m + 1) * BLOCK_M, offs_m, offs_n, BLOCK_N, True)
     else:
         dq = _fa2_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_m, stride_m, qk_scale, 0, N_CTX,
                                offs_m, offs_n, BLOCK_N, False)
@@ -240,11 +240,12 @@ def fa2_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, sm_scale,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo = 0
     if CAUSAL:
-        # the query tile holding the key tile's first key is the diagonal band; the tiles after it need no mask
+        # the query tiles the diagonal crosses are masked; the tiles after them need no mask
         lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        dk, dv = _fa2_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, Lse, Delta, stride_m, qk_scale, lo,
-                                     lo + BLOCK_M, offs_n, offs_m, BLOCK_M, True)
-        lo += BLOCK_M
+        hi = tl.cdiv((start_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M
+        dk, dv = _fa2_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, Lse, Delta, stride_m, qk_scale, lo, hi,
+                                     offs_n, offs_m, BLOCK_M, True)
+        lo = hi
     dk, dv = _fa2_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, Lse, Delta, stride_m, qk_scale, lo, N_CTX,
                                  offs_n, offs_m, BLOCK_M, False)
     # epilogue
@@ -253,16 +254,21 @@ def fa2_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, sm_scale,
 
 
 def attention_backward(q, k, v, out, lse, do, causal: bool = False, sm_scale: float | None = None,
-                       BLOCK_M: int = 128, BLOCK_N: int = 64, num_warps: int = 4, num_stages: int = 3):
+                       BLOCK_M: int = 64, BLOCK_N: int = 32, BLOCK_M1: int | None = None, BLOCK_N1: int | None = None,
+                       num_warps: int = 4, num_stages: int = 3):
     """(dq, dk, dv) for attention(q, k, v, causal) with its (out, lse in base 2) and the output's gradient;
-    every tensor [B, H, N, D] of one shape and contiguous, N a multiple of both block sizes."""
+    every tensor [B, H, N, D] of one shape and contiguous, N a multiple of every block size. dQ runs on
+    BLOCK_M queries stepping BLOCK_N keys, dK/dV on BLOCK_N1 keys stepping BLOCK_M1 queries (by default
+    BLOCK_M keys stepping BLOCK_N queries, as the tutorial makes the program tile the larger)."""
+    BLOCK_M1 = BLOCK_N if BLOCK_M1 is None else BLOCK_M1
+    BLOCK_N1 = BLOCK_M if BLOCK_N1 is None else BLOCK_N1
     B, H, N, D = q.shape
     tensors = (q, k, v, out, do)
     if any(t.shape != q.shape or t.stride() != q.stride() for t in tensors):
         raise ValueError("q, k, v, out and do must have one shape [B, H, N, D] and one layout")
-    if N % BLOCK_M or N % BLOCK_N or BLOCK_M % BLOCK_N:
-        raise ValueError(f"full tiles only: N={N} must be a multiple of BLOCK_M={BLOCK_M} and BLOCK_N={BLOCK_N}, "
-                         "and BLOCK_M of BLOCK_N")
+    if any(N % b for b in (BLOCK_M, BLOCK_N, BLOCK_M1, BLOCK_N1)):
+        raise ValueError(f"full tiles only: N={N} must be a multiple of every block size "
+                         f"({BLOCK_M}, {BLOCK_N}, {BLOCK_M1}, {BLOCK_N1})")
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -271,6 +277,6 @@ def attention_backward(q, k, v, out, lse, do, causal: bool = False, sm_scale: fl
                                                      BLOCK_M=BLOCK_M, **launch)
     fa2_bwd_dq_kernel[(N // BLOCK_M, B * H)](q, k, v, do, dq, lse, delta, sm_scale, *q.stride(), H, N, HEAD_DIM=D,
                                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, **launch)
-    fa2_bwd_dkdv_kernel[(N // BLOCK_N, B * H)](q, k, v, do, dk, dv, lse, delta, sm_scale, *q.stride(), H, N,
-                                               HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, **launch)
+    fa2_bwd_dkdv_kernel[(N // BLOCK_N1, B * H)](q, k, v, do, dk, dv, lse, delta, sm_scale, *q.stride(), H, N,
+                                                HEAD_DIM=D, BLOCK_M=BLOCK_M1, BLOCK_N=BLOCK_N1, CAUSAL=causal, **launch)
     return dq, dk, dv

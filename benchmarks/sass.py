@@ -1,8 +1,12 @@
 """attnc's Triton kernels as sm_90 machine code, beside a hand-written FlashAttention-2 (benchmarks/fa2.py).
 
     python benchmarks/sass.py [FILE.attn ...] [--json | --markdown] [--out FILE.json] [--jobs 2]
-        [--direction fwd] [--dtype fp16] [--head-dim 64] [--block-m 128] [--block-n 64] [--warps 4] [--stages 3]
-        [--seq 4096] [--no-lse] [--no-specialize]
+        [--direction fwd|bwd] [--dtype fp16] [--head-dim 64] [--block-m M] [--block-n N] [--warps 4] [--stages 3]
+        [--seq 4096] [--no-lse] [--no-specialize] [--deterministic]
+
+Tiles default to the ones attnc's launcher picks at that head dim: forward 128x64, backward 64x32 at D=64
+(program tile x step: dQ 64 queries stepping 32 keys, dK/dV 64 keys stepping 32 queries); the yardstick
+runs at the same tiles.
 
 No GPU is needed. Each launcher runs on meta tensors with its kernels swapped for recorders; the recorded
 arguments are specialized as Triton's launcher specializes them on a device (16-byte aligned pointers, ints
@@ -64,12 +68,18 @@ class Config:
     lse: bool = True        # a training forward stores the row statistics, as the yardstick does
     splits: int = 1         # a forward launch of split-KV decoding (> 1) also runs the merge kernel
     specialize: bool = True     # False: every int a plain i32 and no alignment facts (odd strides, odd pointers)
+    deterministic: bool = False     # the backward's param gradients added in a fixed order, not by atomics
 
     def describe(self) -> str:
-        return (f"sm_90a, {self.dtype}, D={self.head_dim}, BLOCK_M={self.block_m}, BLOCK_N={self.block_n}, "
+        tiles = (f"BLOCK_M={self.block_m}, BLOCK_N={self.block_n}" if self.direction == "fwd" else
+                 f"tiles {self.block_m}x{self.block_n} (dQ: BLOCK_M={self.block_m} queries, steps of "
+                 f"BLOCK_N={self.block_n} keys; dK/dV: BLOCK_N={self.block_m} keys, steps of BLOCK_M={self.block_n} "
+                 f"queries)")
+        return (f"sm_90a, {self.dtype}, D={self.head_dim}, {tiles}, "
                 f"{self.num_warps} warps, {self.num_stages} stages; arguments of a launch at B={self.batch}, "
                 f"H={self.heads}, S={self.seq}{', with lse' if self.lse else ''}"
-                + ("" if self.specialize else "; arguments not specialized (plain i32, no alignment)"))
+                + ("" if self.specialize else "; arguments not specialized (plain i32, no alignment)")
+                + ("; deterministic param gradients" if self.deterministic else ""))
 
 
 class Kernel(NamedTuple):
@@ -159,16 +169,17 @@ def attnc_kernels(compiled, config: Config) -> list[Kernel]:
     out = []
     for kernel in compiled._compiled("triton", config.lse, backward):
         plan = kernel.plan
-        cls = triton_launch.plan_tiles(plan, sizes, params, config.block_m, config.block_n)
+        bm, bn = (config.block_n, config.block_m) if plan.kind == "dkdv" else (config.block_m, config.block_n)
+        cls = triton_launch.plan_tiles(plan, sizes, params, bm, bn)
         blocks = triton_launch.block_lists(cls, "meta")
         scope = triton_launch.load_module(kernel.source, plan.name)
         args = {x.name: tensors[x.tensor] for x in plan.loads} | {f"p_{p.name}": meta[p.name] for p in plan.params}
 
-        def launch(scope=scope, plan=plan, args=args, blocks=blocks):      # as triton_launch.launch calls it
-            got = scope[plan.name](**args, sm_scale=scale, blocks=blocks, BLOCK_M=config.block_m,
-                                   BLOCK_N=config.block_n, N_SPLITS=1 if backward else config.splits,
-                                   DOT_DTYPE=dot, DTYPE=dtype,
-                                   sizes=dict(sizes, Dv=D))
+        def launch(scope=scope, plan=plan, args=args, blocks=blocks, bm=bm, bn=bn):   # as triton_launch.launch does
+            got = scope[plan.name](**args, sm_scale=scale, blocks=blocks, BLOCK_M=bm,
+                                   BLOCK_N=bn, N_SPLITS=1 if backward else config.splits,
+                                   DOT_DTYPE=dot, DTYPE=dtype, sizes=dict(sizes, Dv=D),
+                                   DETERMINISTIC=config.deterministic)
             tensors.update(zip(plan.results(), got))
         for call in recorded_launches(scope, launch):
             merge = call[0] is scope.get(f"{plan.name}_merge")
@@ -191,7 +202,8 @@ def fa2_kernels(causal: bool, config: Config) -> list[Kernel]:
         launches = recorded_launches(vars(fa2), lambda: fa2.attention(q, k, v, causal, **tiles))
     else:
         launches = recorded_launches(vars(fa2), lambda: fa2.attention_backward(q, k, v, out, lse, do, causal,
-                                                                                **tiles))
+                                                                                **tiles, BLOCK_M1=config.block_n,
+                                                                                BLOCK_N1=config.block_m))
     rows = []
     for call in launches:
         kind = FA2_KINDS[call[0].__name__]
@@ -340,12 +352,16 @@ def main(argv=None) -> int:
     ap.add_argument("--direction", choices=DIRECTIONS, default=d.direction)
     ap.add_argument("--dtype", choices=list(DTYPES), default=d.dtype)
     ap.add_argument("--head-dim", type=int, default=d.head_dim)
-    ap.add_argument("--block-m", type=int, default=d.block_m)
-    ap.add_argument("--block-n", type=int, default=d.block_n)
+    ap.add_argument("--block-m", type=int, help="the program tile (backward: of dQ and, as keys, of dK/dV); default: "
+                    "the launcher's, 128 forward and 64 backward at D=64")
+    ap.add_argument("--block-n", type=int, help="the step tile; default: the launcher's, 64 forward and 32 backward "
+                    "at D=64")
     ap.add_argument("--warps", type=int, default=d.num_warps)
     ap.add_argument("--stages", type=int, default=d.num_stages)
     ap.add_argument("--seq", type=int, default=d.seq, help="sequence length of the launch (default 4096)")
     ap.add_argument("--no-lse", action="store_true", help="attnc's plan without the row statistics")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="backward: param gradients added in a fixed order (torch.use_deterministic_algorithms)")
     ap.add_argument("--no-specialize", action="store_true",
                     help="compile every int argument as a plain i32, without alignment facts")
     ap.add_argument("--jobs", type=int, default=2, help="compiling processes (default 2)")
@@ -353,8 +369,11 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", type=int, default=d.splits,
                     help="forward: launch split-KV with this many programs per row, so the merge kernel runs too")
     a = ap.parse_args(argv)
-    config = Config(a.direction, a.dtype, a.head_dim, a.block_m, a.block_n, a.warps, a.stages, seq=a.seq,
-                    lse=not a.no_lse, specialize=not a.no_specialize, splits=a.splits)
+    from attnc.backends.triton_launch import block_sizes
+    bm, bn = block_sizes({"Q": a.seq, "KV": a.seq, "D": a.head_dim}, DTYPES[a.dtype],
+                         "forward" if a.direction == "fwd" else "dq")
+    config = Config(a.direction, a.dtype, a.head_dim, a.block_m or bm, a.block_n or bn, a.warps, a.stages, seq=a.seq,
+                    lse=not a.no_lse, specialize=not a.no_specialize, splits=a.splits, deterministic=a.deterministic)
     files = a.files or sorted(EXAMPLES.glob("*.attn"))
     rows = run(list(YARDSTICKS) + [str(f) for f in files], config, a.jobs)
     result = {"config": asdict(config), "described": config.describe(), "rows": rows}

@@ -21,8 +21,8 @@ from attnc.plan.model import KernelPlan, value
 NAME = "triton"
 ACCUMULATES_IN_ORDER = False
 BLOCK_M, BLOCK_N = 128, 64              # the plan's defaults; a call picks per shape (triton_launch.block_sizes)
-BLOCKS_TEXT = ("128x64 (64x64 when the head dims are wide, 64x32 wider still; 16 or 32 under the interpreter), "
-               "chosen per call from the head dims and the dtype")
+BLOCKS_TEXT = ("128x64 (64x64 when the head dims are wide, 64x32 wider still; the backward's 64x32, 32x32, 16x16; "
+               "16 or 32 under the interpreter), chosen per call from the head dims, the dtype and the kernel")
 PLAN_PASSES = ("promote", "lower_ops", "base2", "hoist", "cse")
 
 TABLE: dict[Op, tuple] = {
@@ -72,6 +72,10 @@ def target_for(parallel: str, alias: dict[str, str] | None = None, rows: frozens
         if n.op is Op.SIGMOID and n.src[0].op is Op.MUL and n.src[0].src[1] == E.const(LN2) \
                 and parts[0].endswith(LN2_TEXT):
             return f"sigmoid2({parts[0][:-len(LN2_TEXT)]})", ATOM    # sigmoid(x ln 2) of a base-2 x (base2 pass)
+        if n.op is Op.MUL and any(x.op is Op.SIGN for x in n.src):
+            i = 0 if n.src[0].op is Op.SIGN else 1
+            if parts[i].startswith("sign(") and parts[i].endswith(")"):   # selects, not a float sign times y
+                return f"sign_times({parts[i][5:-1]}, {parts[1 - i]})", ATOM
         return None
 
     def leaf(n: Node) -> str:
@@ -239,7 +243,8 @@ class _Render:
         for name in self.grad_params():
             p = next(x for x in self.plan.params if x.name == name)
             args.append((f"grad_{name}", f"grad_{name}"))
-            args += [(f"gstride_{name}_{d}", f"grad_{name}.stride({d})") for d in range(len(p.dims))]
+            args += [(f"gstride_{name}_{d}", f"grad_{name}.stride({d + 1})") for d in range(len(p.dims))]
+            args.append((f"gnumel_{name}", f"p_{name}.numel()"))
         return args
 
     def grad_params(self) -> list[str]:
@@ -449,28 +454,32 @@ class _Render:
         return e.op is Op.WHERE and e.src[0] == value("keep", E.BOOL) and e.src[2].op is Op.CONST and e.src[2].arg == 0
 
     def grad_lines(self, g, v: str, index: list[str], keep: str, masked: bool) -> list[str]:
-        """grad[index] += v: atomics, after summing the pairs that share an entry (axes the index ignores)."""
+        """grad[index] += v, after summing the pairs that share an entry (axes the index ignores): atomics, or
+        with DETERMINISTIC this program's own row of a workspace, added to in a fixed order (add_in_order sorts
+        a tile's entries by index), which the launcher sums over programs in a fixed order afterwards."""
         free = set().union(*(E.free_indices(i) for i in g.index)) if g.index else set()
         row_ix, col_ix = ("q_idx", "kv_idx") if self.par == "m" else ("kv_idx", "q_idx")
         w = v if masked else f"tl.where({keep}, {v}, 0.0)"
         offset = " + ".join(f"({i}) * gstride_{g.param}_{d}" for d, i in enumerate(index)) or "0"
-        ptr = f"grad_{g.param} + {offset}"
-        if keep == "keep" and not (free & {row_ix, col_ix}):
-            return [f"tl.atomic_add({ptr}, tl.sum(tl.sum({w}, 1), 0))"]
+        ptr, row = f"grad_{g.param} + {offset}", f"grad_{g.param} + prog * gnumel_{g.param}"
+        rows = "offs_m[:, None] < N_Q" if self.par == "m" else "offs_n[:, None] < N_KV"
+        cols = "offs_n[None, :] < N_KV" if self.par == "m" else "offs_m[None, :] < N_Q"
+        if keep != "keep":          # a row-level value after the passes: rows that exist
+            w = f"tl.where({rows}, {v}, 0.0)"
         if keep == "keep" and free & {row_ix} and not free & {col_ix}:
-            rows = "offs_m[:, None] < N_Q" if self.par == "m" else "offs_n[:, None] < N_KV"
-            return [f"tl.atomic_add({ptr}, tl.sum({w}, 1, keep_dims=True), mask={rows})"]
-        if keep == "keep" and free & {col_ix} and not free & {row_ix}:
-            cols = "offs_n[None, :] < N_KV" if self.par == "m" else "offs_m[None, :] < N_Q"
-            return [f"tl.atomic_add({ptr}, tl.sum({w}, 0, keep_dims=True), mask={cols})"]
-        if keep == "keep":
-            return [f"tl.atomic_add({ptr}, {w}, mask={keep})"]
-        # a row-level value after the passes: rows that exist, summed unless the index reads the row
-        rows = "offs_m[:, None] < N_Q"
-        w = f"tl.where({rows}, {v}, 0.0)"
-        if "q_idx" in free:
-            return [f"tl.atomic_add({ptr}, {w}, mask={rows})"]
-        return [f"tl.atomic_add({ptr}, tl.sum(tl.sum({w}, 1), 0))"]
+            value, ok = f"tl.sum({w}, 1, keep_dims=True)", rows                 # one entry per row
+        elif keep == "keep" and free & {col_ix} and not free & {row_ix}:
+            value, ok = f"tl.sum({w}, 0, keep_dims=True)", cols                 # one per column
+        elif keep == "keep" and free & {row_ix, col_ix}:
+            value, ok = w, keep                                                 # one per pair
+        elif keep != "keep" and "q_idx" in free:
+            value, ok = w, rows
+        else:                                                                   # one for the whole tile
+            total = f"tl.sum(tl.sum({w}, 1), 0)"
+            return ["if DETERMINISTIC:", f"    tl.store({row} + {offset}, tl.load({row} + {offset}) + {total})",
+                    "else:", f"    tl.atomic_add({ptr}, {total})"]
+        return ["if DETERMINISTIC:", f"    add_in_order({row}, {offset}, {value}, {ok}, gnumel_{g.param})",
+                "else:", f"    tl.atomic_add({ptr}, {value}, mask={ok})"]
 
     def inits(self, p) -> list[str]:
         out = []
@@ -504,7 +513,7 @@ class _Render:
                       [x for x in self.program_values()] +
                       [pointer(x.name) for x in self.plan.loads if x.at == "step"] +
                       [s for x in self.matrix_loads if x.at == "step" for s in self.strides(x.name, x.rank)[2:]] +
-                      ["row_offset", "qk_scale", "off_b", "off_h", "off_hkv", "offs_m", "offs_n", "offs_d", "offs_dv",
+                      ["row_offset", "qk_scale", "prog", "off_b", "off_h", "off_hkv", "offs_m", "offs_n", "offs_d", "offs_dv",
                        "B", "H", "HKV", "N_Q", "N_KV", "HEAD_DIM", "HEAD_DIM_V"] + [a for a, _ in self.param_args])
         used = set(re.findall(r"[A-Za-z_]\w*", body))
         args = [c for c in dict.fromkeys(candidates) if c in used and (c in states or c not in defined)]
@@ -528,7 +537,8 @@ class _Render:
                 args.append(a)
         targets = ", ".join(states)
         const = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DMODEL=BLOCK_DMODEL, BLOCK_DV=BLOCK_DV, " \
-                "PAD_D=PAD_D, PAD_DV=PAD_DV, POS_SCALE=POS_SCALE, DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
+                "PAD_D=PAD_D, PAD_DV=PAD_DV, POS_SCALE=POS_SCALE, DETERMINISTIC=DETERMINISTIC, DOT_DTYPE=DOT_DTYPE, " \
+                "INPUT_PRECISION=INPUT_PRECISION"
         loop_check, par_check = (r["loop_check"], "CHECK_M" if self.par == "m" else "CHECK_N")
         out = []
         for full, lst, lo, hi in ((False, "IDX", "lo", "hi"), (True, "FULL_IDX", "full_lo", "full_hi")):
@@ -541,11 +551,12 @@ class _Render:
             else:
                 out.append(call)
         if self.par == "n":        # every query head of the kv head, each with its own rows
-            body = ["off_h = off_hkv * (H // HKV) + g", "row_offset = (off_b * H + off_h).to(tl.int64) * N_Q"]
+            body = ["off_h = off_hkv * GROUP + g", "row_offset = (off_b * H + off_h).to(tl.int64) * N_Q"]
             body += [f"{x.name}_offset = off_b.to(tl.int64) * {self.strides(x.name, x.rank)[0]} + "
                      f"off_h.to(tl.int64) * {self.strides(x.name, x.rank)[1]}"
                      for x in self.matrix_loads if x.at == "step"]
-            out = ["for g in range(H // HKV):"] + ["    " + line for line in body + out]
+            out = ["for g in range(GROUP):  # a constexpr: without grouped-query attention, no loop at all"] + [
+                "    " + line for line in body + out]
         return out
 
     # -- the kernel --
@@ -577,7 +588,7 @@ class _Render:
         if self.par == "m":
             lines = ["start_m = tl.program_id(0)", "off_hz = tl.program_id(1)", "split = tl.program_id(2)",
                      "off_b = off_hz // H", "off_h = off_hz % H",
-                     "off_hkv = off_h // (H // HKV)  # grouped-query attention: H // HKV query heads share a kv head",
+                     "off_hkv = off_h // GROUP  # grouped-query attention: GROUP = H // HKV query heads share a kv head",
                      "start = start_m", "offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)",
                      "row_offset = off_hz.to(tl.int64) * N_Q"]
         else:
@@ -585,6 +596,9 @@ class _Render:
                      "off_b = off_bkv // HKV", "off_hkv = off_bkv % HKV", "start = start_n",
                      "offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)"]
         lines += ["offs_d = tl.arange(0, BLOCK_DMODEL)", "offs_dv = tl.arange(0, BLOCK_DV)"]
+        if self.grad_params():
+            lines.append("prog = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * "
+                         "tl.program_id(2))  # this program's row of the param gradients' workspace")
         lines.append("qk_scale = sm_scale * LOG2E  # log2(e) folded in: qk and its running maxima are in base 2"
                      if plan.base2 else "qk_scale = sm_scale")
         for x in self.matrix_loads:
@@ -679,7 +693,7 @@ class _Render:
             if x.name not in names:
                 names.append(x.name)
         args = names + ["sm_scale", "blocks", "BLOCK_M", "BLOCK_N", "N_SPLITS", "DOT_DTYPE", "DTYPE", "sizes"]
-        args += [f"p_{p.name}" for p in plan.params]
+        args += [f"p_{p.name}" for p in plan.params] + ["DETERMINISTIC=False"]
         setup = ["B, H, HKV, N_Q, N_KV = (sizes[k] for k in ('B', 'H', 'HKV', 'Q', 'KV'))",
                  "HEAD_DIM, HEAD_DIM_V = sizes['D'], sizes['Dv']",
                  "NUM_BLKS, IDX, FULL_NUM_BLKS, FULL_IDX = blocks",
@@ -696,9 +710,16 @@ class _Render:
                 shape = f"(B, H, N_Q, {w})" if self.par == "m" else f"(B, HKV, N_KV, {w})"
                 setup.append(f"{s.target} = torch.empty({shape}, dtype=DTYPE, device=device)")
             returns.append(s.target)
+        if self.par == "m":
+            setup.append("grid = (triton.cdiv(N_Q, BLOCK_M), B * H, N_SPLITS)")
+        else:
+            setup.append("grid = (triton.cdiv(N_KV, BLOCK_N), B * HKV, 1)")
+        if self.grad_params():
+            setup.append("# param gradients: one row per program when DETERMINISTIC, summed in a fixed order after")
+            setup.append("rows = grid[0] * grid[1] * grid[2] if DETERMINISTIC else 1")
         for name in self.grad_params():
-            setup.append(f"grad_{name} = torch.zeros(p_{name}.shape, dtype=torch.float32, device=device)")
-            returns.append(f"grad_{name}")
+            setup.append(f"grad_{name} = torch.zeros((rows, *p_{name}.shape), dtype=torch.float32, device=device)")
+            returns.append(f"grad_{name}.sum(0) if DETERMINISTIC else grad_{name}[0]")
         setup += ["BLOCK_DMODEL = max(16, triton.next_power_of_2(HEAD_DIM))  # padded head dims, masked on the d axis",
                   "BLOCK_DV = max(16, triton.next_power_of_2(HEAD_DIM_V))",
                   "INPUT_PRECISION = \"tf32\" if DTYPE == torch.float32 and torch.backends.cuda.matmul.allow_tf32 "
@@ -707,15 +728,12 @@ class _Render:
                   "# what the kernel checks, as constexprs: no test, mask or select is compiled where none can fail",
                   "CHECK_M, CHECK_N = N_Q % BLOCK_M != 0, N_KV % BLOCK_N != 0  # a ragged last tile of queries, keys",
                   "PAD_D, PAD_DV = BLOCK_DMODEL != HEAD_DIM, BLOCK_DV != HEAD_DIM_V  # head dims padded to a power of 2",
-                  "POS_SCALE = sm_scale > 0  # the scale commutes with the row max"]
+                  "POS_SCALE = sm_scale > 0  # the scale commutes with the row max",
+                  "GROUP = H // HKV"]
         for s in self.split_states():
             dot = next(x for x in plan.passes[-1].states if x.name == s).kind == "dot"
             setup.append(f"ws_{s} = torch.empty((N_SPLITS, B * H, N_Q{', HEAD_DIM_V' if dot else ''}), "
                          f"dtype=torch.float32, device=device) if SPLIT_KV else None")
-        if self.par == "m":
-            setup.append("grid = (triton.cdiv(N_Q, BLOCK_M), B * H, N_SPLITS)")
-        else:
-            setup.append("grid = (triton.cdiv(N_KV, BLOCK_N), B * HKV, 1)")
         call = []
         for x in plan.loads:
             call.append(x.name)

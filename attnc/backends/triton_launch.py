@@ -15,6 +15,8 @@ from attnc.plan.model import KernelPlan
 
 SPLIT_MAX_Q, SPLIT_MIN_KV = 16, 1024    # split-KV decoding: few queries, many keys
 MAX_SPLITS = 64
+# deterministic param gradients keep one copy of each param's gradient per program
+DETERMINISTIC_WORKSPACE_BYTES = 1 << 30
 
 
 def interpreting() -> bool:
@@ -39,13 +41,25 @@ class LaunchConfig:
     dot_dtype: object       # what tl.dot multiplies
 
 
-def block_sizes(sizes: dict, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) from the head dims and the mode: small tiles under the interpreter."""
+# (program tile, step tile) by the widest head dim in 16-bit elements, up to each limit. The backward's kernels
+# keep more tiles live than the forward (dK and dV beside four [program, step] tiles), so their steps are
+# shorter; at D = 64 in fp16, 128x64 backward tiles spill even in a plain FlashAttention-2 (benchmarks/sass.py).
+# A program tile of 64 rows keeps the warpgroup MMAs of sm_90.
+TILES = {"forward": ((128, (128, 64)), (256, (64, 64)), (None, (64, 32))),
+         "backward": ((64, (64, 32)), (128, (32, 32)), (None, (16, 16)))}
+
+
+def block_sizes(sizes: dict, dtype: torch.dtype, kind: str = "forward") -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) from the head dims, the plan's kind and the mode: small tiles under the interpreter.
+    A dK/dV kernel's program tile is its keys (BLOCK_N), its step the queries (BLOCK_M)."""
     if interpreting():
         return (16 if sizes["Q"] <= 16 else 32), 32
     wide = max(sizes["D"], sizes.get("Dv", sizes["D"])) * (2 if dtype == torch.float32 else 1)
-    bm, bn = (128, 64) if wide <= 128 else (64, 64) if wide <= 256 else (64, 32)
-    return (16 if sizes["Q"] <= 16 else bm), bn
+    table = TILES["forward" if kind == "forward" else "backward"]
+    program, step = next(tiles for limit, tiles in table if limit is None or wide <= limit)
+    if kind == "dkdv":
+        return step, program
+    return (16 if sizes["Q"] <= 16 else program), step
 
 
 def split_count(plan: KernelPlan, sizes: dict, block_m: int, row_tiles: int, device: torch.device) -> int:
@@ -100,7 +114,7 @@ def plan_tiles(plan: KernelPlan, sizes: dict, params: dict, block_m: int, block_
 def launch_config(compiled, plan: KernelPlan, dtype, device, params: dict, sizes: dict) -> LaunchConfig:
     """Block sizes, split count and block-sparse tile lists for one call; lists cached unless params shape them.
     A kernel over key tiles reads the classification transposed: query tiles per key tile."""
-    bm, bn = block_sizes(sizes, dtype)
+    bm, bn = block_sizes(sizes, dtype, plan.kind)
     key = ("triton", plan.parallel, bm, bn, tuple(sorted(sizes.items())), str(device))
     hit = None if plan.sparsity.params else compiled._tiles.get(key)
     if hit is None:        # classified on the host: per-block min/max of the params the mask reads
@@ -134,6 +148,23 @@ def load_module(source: str, name: str) -> dict:
     return _MODULES[key]
 
 
+def deterministic_workspace(plan: KernelPlan, cfg: LaunchConfig, params: dict, sizes: dict) -> bool:
+    """Whether the plan adds param gradients (then, with torch.use_deterministic_algorithms(True), each program
+    adds into its own copy of them, summed in a fixed order after the kernel); refuses a workspace too big."""
+    names = {g.param for p in plan.passes for g in p.grads} | {g.param for g in plan.row_grads}
+    if not names:
+        return False
+    rows, keys = (sizes["Q"], cfg.block_m) if plan.parallel == "m" else (sizes["KV"], cfg.block_n)
+    programs = -(-rows // keys) * sizes["B"] * (sizes["H"] if plan.parallel == "m" else sizes["HKV"]) * cfg.n_splits
+    need = programs * sum(params[n].numel() for n in names) * 4
+    if need > DETERMINISTIC_WORKSPACE_BYTES:
+        raise CallError(f"deterministic gradients of {', '.join(sorted(names))} need {need / 2 ** 30:.1f} GiB of "
+                        f"workspace (one copy per program, {programs} programs), more than the "
+                        f"{DETERMINISTIC_WORKSPACE_BYTES / 2 ** 30:.0f} GiB attnc allows; expected smaller params "
+                        "or torch.use_deterministic_algorithms(False)")
+    return True
+
+
 def launch(compiled, kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:
     """Run one plan's kernel on a call's tensors (by cascade name); returns its results by name."""
     q = tensors["Q"]
@@ -149,9 +180,10 @@ def launch(compiled, kernel, tensors: dict, scale: float, params: dict, sizes: d
     cfg = launch_config(compiled, plan, q.dtype, q.device, params, dims)
     args = {x.name: tensors[x.tensor] for x in plan.loads}
     args.update({f"p_{p.name}": params[p.name] for p in plan.params})
+    deterministic = torch.are_deterministic_algorithms_enabled() and deterministic_workspace(plan, cfg, params, dims)
     run = lambda: kernel.run(**args, sm_scale=scale, blocks=cfg.blocks, BLOCK_M=cfg.block_m,  # noqa: E731
                              BLOCK_N=cfg.block_n, N_SPLITS=cfg.n_splits, DOT_DTYPE=cfg.dot_dtype, DTYPE=q.dtype,
-                             sizes=dims)
+                             sizes=dims, DETERMINISTIC=deterministic)
     if q.is_cuda:
         with torch.cuda.device(q.device):
             got = run()
