@@ -5,7 +5,10 @@ columns (offs_n[None, :]), row statistics [BLOCK_M, 1]; a kernel over key tiles 
 rows and queries as columns, and a query row's statistics are [1, BLOCK_M]. Every plan expression broadcasts
 as printed. Block sparsity reaches the kernel as FlexAttention-style index lists (partial tiles, full tiles)
 per program tile; for decoding, split-KV shares a row's tiles among programs and a merge kernel combines
-their states through the plan's rescale factors. Launching lives in triton_launch.py."""
+their states through the plan's rescale factors. Bounds, head-dim padding, the scale's sign and determinism are
+constexprs the launcher sets per call (the template's header lists them), so a kernel compiles no test, mask
+or select that cannot fail. Param gradients are atomics, or under torch.use_deterministic_algorithms(True)
+per-program rows of a workspace summed in a fixed order. Launching lives in triton_launch.py."""
 from __future__ import annotations
 
 import math
