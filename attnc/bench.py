@@ -41,6 +41,23 @@ def median_ms(fn, warmup=1, reps=5):
     return statistics.median(samples), samples
 
 
+def interleaved_ms(calls: dict, warmup=1, reps=5) -> dict:
+    """Median ms of each call, timed in rounds that run every call once, so that load on a shared machine
+    falls on all of them alike; warmup calls of each first. {name: (median ms, [ms per round])}."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(s), s) for name, s in samples.items()}
+
+
 @functools.cache
 def compiled_flex():
     """torch.compile(flex_attention), built once per process."""
@@ -53,11 +70,12 @@ def compiled_block_mask():
     return torch.compile(create_block_mask, dynamic=False)
 
 
-def flex_peer(attn, q, k, v, params, *, scale=None, mask_bh=False):
+def flex_peer(attn, q, k, v, params, *, scale=None, mask_bh=False, compiled=True):
     """(make_mask, run) for FlexAttention, or None when the variant's normalizer is not softmax.
 
     make_mask() builds the BlockMask with compiled create_block_mask; run(block_mask) calls compiled
-    flex_attention. The mask is built for B=H=1 and broadcast unless mask_bh says it depends on b or h.
+    flex_attention (with compiled=False: both eager, flex's path that has a backward on a CPU). The mask is
+    built for B=H=1 and broadcast unless mask_bh says it depends on b or h.
     """
     if not attn.flex_compatible:
         return None
@@ -70,12 +88,14 @@ def flex_peer(attn, q, k, v, params, *, scale=None, mask_bh=False):
             return None
         bh = (B, H) if mask_bh else (None, None)
         with torch._dynamo.config.patch(**_DYNAMO):
-            return compiled_block_mask()(mask_mod, *bh, Q, KV, device=q.device)
+            make = compiled_block_mask() if compiled else create_block_mask
+            return make(mask_mod, *bh, Q, KV, device=q.device)
 
-    def run(block_mask):
+    def run(block_mask, q=q, k=k, v=v):
         with torch._dynamo.config.patch(**_DYNAMO):
-            return compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                   enable_gqa=q.shape[1] != k.shape[1])
+            call = compiled_flex() if compiled else flex_attention
+            return call(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                        enable_gqa=q.shape[1] != k.shape[1])
     return make_mask, run
 
 
@@ -94,16 +114,18 @@ def eager_peer(attn, q, k, v, params, *, scale=None):
 
 def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, warmup=1, peers=PEERS, mask_bh=False,
                   progress=None):
-    """Median ms of attnc and each peer on one input (None where a peer does not apply), plus flex's mask build alone.
+    """Median ms of attnc and each peer on one input (None where a peer does not apply), plus flex's mask build alone;
+    the peers are timed in interleaved rounds (interleaved_ms).
 
-    Keys: attnc, flex, sdpa, eager, flex_mask, and max_diff (each peer's largest deviation from attnc's
-    output, or from eager's when attnc is not run: a peer that computes something else shows here).
+    Keys: attnc, flex, sdpa, eager, flex_mask, max_diff (each peer's largest deviation from attnc's output,
+    or from eager's when attnc is not run: a peer that computes something else shows here) and errors (a
+    peer that raised: its message; attnc raising raises).
     Warm-up calls absorb compilation, so these are steady-state times; flex excludes create_block_mask.
     progress, when given, is called with a line saying what is being timed.
     """
     say = progress or (lambda text: None)
     out = dict.fromkeys(PEERS + ("flex_mask",))
-    calls = {}
+    calls, errors = {}, {}
     with torch.inference_mode():
         if "attnc" in peers:
             calls["attnc"] = lambda: attn(q, k, v, scale=scale, **params)
@@ -111,22 +133,89 @@ def bench_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, scale=None, 
         if flex is not None:
             make_mask, run = flex
             say("flex: compiling the block mask")
-            if make_mask() is not None:
-                out["flex_mask"] = median_ms(make_mask, warmup, reps)[0]
-            block_mask = make_mask()
-            calls["flex"] = lambda: run(block_mask)
+            try:
+                if make_mask() is not None:
+                    out["flex_mask"] = median_ms(make_mask, warmup, reps)[0]
+                block_mask = make_mask()
+                calls["flex"] = lambda: run(block_mask)
+            except Exception as e:                # recorded, not hidden: the table says the peer failed
+                errors["flex"] = _message(e)
         sdpa = sdpa_peer(q, k, v, sdpa_kind, scale=scale) if "sdpa" in peers else None
         if sdpa is not None:
             calls["sdpa"] = sdpa
         if "eager" in peers:
             calls["eager"] = eager_peer(attn, q, k, v, params, scale=scale)
-        for i, (name, fn) in enumerate(calls.items(), 1):
-            say(f"timing {name} ({i}/{len(calls)}, {warmup} warm-up + {reps} calls)")
-            out[name] = median_ms(fn, warmup, reps)[0]
-        results = {name: fn() for name, fn in calls.items()}
+        results = {}
+        for i, (name, fn) in enumerate(list(calls.items()), 1):
+            say(f"timing {name} ({i}/{len(calls)}: {warmup} warm-up + {reps} calls, in rounds with the others)")
+            try:
+                results[name] = fn()                  # the first warm-up call; its output is compared below
+            except Exception as e:
+                if name == "attnc":
+                    raise
+                errors[name] = _message(e)
+                del calls[name]
+        out.update({name: ms for name, (ms, _) in interleaved_ms(calls, max(warmup - 1, 0), reps).items()})
     base = results.get("attnc", results.get("eager"))
     out["max_diff"] = {name: (r.float() - base.float()).abs().max().item() for name, r in results.items()
                        if base is not None and r is not base}
+    out["errors"] = errors
+    return out
+
+
+def _message(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+TRAIN_PEERS = ("attnc", "sdpa", "eager", "flex_eager")
+
+
+def bench_train_variant(attn, q, k, v, params, sdpa_kind=None, reps=5, *, peers=TRAIN_PEERS) -> dict:
+    """Median ms of forward + backward (out.backward(dO) for random dO; q, k, v require grad, params do not)
+    of attnc and each peer, in interleaved rounds: sdpa (SDPA's fused kernel, causal only), eager (autograd
+    through attn.reference, the materialized scores), flex_eager (uncompiled flex_attention with its block
+    mask: the path with a backward on a CPU). None where a peer does not apply; a peer that raises is
+    recorded under errors with its message. max_diff: each peer's largest deviation from attnc's dQ."""
+    dout = torch.randn(q.shape[:3] + v.shape[3:], generator=torch.Generator().manual_seed(1)).to(q.dtype)
+    out = dict.fromkeys(TRAIN_PEERS)
+    forwards = {}
+    if "attnc" in peers:
+        forwards["attnc"] = lambda q_, k_, v_: attn(q_, k_, v_, **params)
+    sdpa = sdpa_peer(q, k, v, sdpa_kind) if "sdpa" in peers else None
+    if sdpa is not None:
+        forwards["sdpa"] = lambda q_, k_, v_: F.scaled_dot_product_attention(
+            q_, k_, v_, is_causal=sdpa_kind == "causal", enable_gqa=q.shape[1] != k.shape[1])
+    if "eager" in peers:
+        forwards["eager"] = lambda q_, k_, v_: attn.reference(q_, k_, v_, **params)
+    flex = flex_peer(attn, q, k, v, params, compiled=False) if "flex_eager" in peers else None
+    errors = {}
+    if flex is not None:
+        make_mask, run = flex
+        try:
+            block_mask = make_mask()
+            forwards["flex_eager"] = lambda q_, k_, v_: run(block_mask, q_, k_, v_)
+        except Exception as e:                   # recorded, not hidden: the table says the peer failed
+            errors["flex_eager"] = _message(e)
+    grads = {}
+
+    def step(name, forward):
+        def call():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            forward(*leaves).backward(dout)
+            grads[name] = leaves[0].grad
+        return call
+    calls = {}
+    for name, forward in forwards.items():
+        try:
+            step(name, forward)()                # the warm-up call, which also checks that the peer runs
+            calls[name] = step(name, forward)
+        except Exception as e:
+            errors[name] = _message(e)
+    out.update({name: ms for name, (ms, _) in interleaved_ms(calls, 0, reps).items()})
+    base = grads.get("attnc")
+    out["max_diff"] = {n: (g.float() - base.float()).abs().max().item() for n, g in grads.items()
+                       if base is not None and n != "attnc"}
+    out["errors"] = errors
     return out
 
 
@@ -150,9 +239,9 @@ def grid(head, body, markdown=False):
 def format_table(rows, markdown=False):
     """A table of bench_variant results, each row also naming its 'variant'; (x) = peer ms / attnc ms, >1: attnc faster."""
     head = ["variant", "attnc ms", "flex ms", "sdpa ms", "eager ms", "flex mask ms"]
+    cell = lambda r, p: "fails" if p in r.get("errors", {}) else _cell(r.get(p), r.get("attnc"))  # noqa: E731
     body = [[r["variant"], f"{r['attnc']:.1f}" if r.get("attnc") else "pending",
-             _cell(r.get("flex"), r.get("attnc")), _cell(r.get("sdpa"), r.get("attnc")),
-             _cell(r.get("eager"), r.get("attnc")), _cell(r.get("flex_mask"), None)] for r in rows]
+             cell(r, "flex"), cell(r, "sdpa"), cell(r, "eager"), _cell(r.get("flex_mask"), None)] for r in rows]
     return grid(head, body, markdown)
 
 
