@@ -606,11 +606,11 @@ def launch(compiled, kernel, tensors: dict, scale: float, params: dict, sizes: d
     """Run one kernel on a call's tensors (by cascade name: Q, K, V, dO, saved statistics ...); returns
     its results by name (plan.results())."""
     plan = kernel.plan
-    block_m, tiles, fused = SCHEDULES.get(compiled, kernel, sizes, params, lambda: sdpa_pass(plan) is not None)
+    block_m, tiles, rows = SCHEDULES.get(compiled, kernel, sizes, params, lambda: sdpa_pass(plan) is not None)
     args = {x.name: tensors[x.tensor] for x in plan.loads}
     args.update({f"p_{p.name}": params[p.name] for p in plan.params})
-    if fused:
-        args["spans"] = torch_spans
+    if rows is not None:
+        args["spans"] = torch_spans.Spans(rows)
     keep_tiles_in_the_heap()
     got = kernel.run(**args, sm_scale=scale, tiles=tiles, BLOCK_M=block_m)
     return dict(zip(plan.results(), got))

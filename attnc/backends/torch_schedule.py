@@ -14,8 +14,8 @@ import torch
 # (BLOCK_M, BLOCK_N) the runtime chooses from per call (every kernel takes its tiles as an argument)
 TILE_SHAPES = ((256, 512), (256, 256), (128, 256), (128, 128), (64, 128))
 # spans join runs of key tiles, so BLOCK_N only sets how finely the mask's partial area is found
-SPAN_SHAPES = ((1024, 128), (768, 128), (512, 128), (256, 128), (128, 128), (128, 64))
-SPAN_ROWS = 128     # a partial span is attended by blocks of this many query rows, each over the keys it keeps
+SPAN_SHAPES = ((1024, 128), (768, 128), (512, 128), (256, 128), (128, 128), (128, 64), (64, 64))
+SPAN_ROWS = (64, 128)   # a partial span is attended by blocks of so many query rows, each over the keys it keeps
 JOIN = 4            # the tile loop joins up to JOIN adjacent key tiles of a query tile into one
 
 
@@ -32,7 +32,7 @@ class Cost:
 LOOP = {"forward": Cost(7e-5, 3.3e-9, 2.1), "backward": Cost(1.2e-4, 10e-9, 1.6)}
 # SDPA's fused kernel: a call and the merge of its result cost tens of microseconds; an element of a partial
 # span also has its mask evaluated and turned into an additive bias
-SPANS = {"forward": Cost(6e-5, 4.1e-9, 1.3), "backward": Cost(1.0e-4, 11e-9, 1.15)}
+SPANS = {"forward": Cost(6e-5, 4.1e-9, 1.1), "backward": Cost(1.0e-4, 11e-9, 1.1)}
 
 
 def cost(tiles: list, block_m: int, sizes: dict, model: Cost) -> float:
@@ -44,6 +44,11 @@ def cost(tiles: list, block_m: int, sizes: dict, model: Cost) -> float:
         for start_n, end_n, full in kv:
             total += model.visit + rows * (end_n - start_n) * heads * model.element * (1.0 if full else model.partial)
     return total
+
+
+def partial(tiles: list) -> list:
+    """The tiles, every one marked partial."""
+    return [(start_m, [(start_n, end_n, False) for start_n, end_n, _ in kv]) for start_m, kv in tiles]
 
 
 def join(tiles: list, width: int | None, by_kind: bool) -> list:
@@ -74,26 +79,26 @@ def rows_factor(rows: int) -> float:
     return next(f for least, f in SDPA_ROWS if rows >= least)
 
 
-def spans_cost(tiles: list, fine: list, block_m: int, sizes: dict, model: Cost) -> float:
+def spans_cost(tiles: list, fine: list, block_m: int, rows: int, sizes: dict, model: Cost) -> float:
     """Estimated seconds of a fused kernel with query tiles of block_m rows (`tiles`, not yet joined): each
-    run of full tiles is one call over the tile's rows; the rest is attended by blocks of SPAN_ROWS rows, one
-    call per run of their tiles, which `fine` (the mask classified with SPAN_ROWS-row tiles) says where to find."""
+    run of full tiles is one call over the tile's rows; the rest is attended by blocks of `rows` rows, one
+    call per run of their tiles, which `fine` (the mask classified with tiles of `rows` rows) says where."""
     heads = sizes["B"] * sizes["H"] / torch.get_num_threads()
     total, full_at = 0.0, set()
     for start_m, kv in join(tiles, None, True):
-        rows = min(block_m, sizes["Q"] - start_m)
+        n = min(block_m, sizes["Q"] - start_m)
         for start_n, end_n, full in kv:
             if full:
-                total += model.visit + rows * (end_n - start_n) * heads * model.element * rows_factor(rows)
+                total += model.visit + n * (end_n - start_n) * heads * model.element * rows_factor(n)
     for start_m, kv in tiles:
         full_at.update((start_m, start_n) for start_n, _, full in kv if full)
     for start_m, kv in fine:
-        rows = min(SPAN_ROWS, sizes["Q"] - start_m)
+        n = min(rows, sizes["Q"] - start_m)
         tile_m, last = start_m - start_m % block_m, None
         for start_n, end_n, _ in kv:
             if (tile_m, start_n) in full_at:
                 continue
-            total += rows * (end_n - start_n) * heads * model.element * model.partial * rows_factor(rows)
+            total += n * (end_n - start_n) * heads * model.element * model.partial * rows_factor(n)
             total += model.visit if last != start_n else 0.0         # a new run: one more call
             last = end_n
     return total
@@ -106,34 +111,42 @@ class Schedules:
         self.size = size
         self.memo: OrderedDict = OrderedDict()
 
-    def get(self, compiled, kernel, sizes: dict, params: dict, spans) -> tuple[int, list, bool]:
-        """(block_m, tiles, whether they are spans); spans() says whether the kernel runs spans (asked only
-        when the memo does not answer)."""
+    def get(self, compiled, kernel, sizes: dict, params: dict, spans) -> tuple[int, list, int | None]:
+        """(block_m, tiles, rows): rows is None for the tile loop, else the rows of the blocks partial spans are
+        attended by; spans() says whether the kernel runs spans (asked only when the memo does not answer)."""
         plan = kernel.plan
         key = (id(kernel), tuple(sizes.items()))
         hit = self.memo.get(key)
         if hit is not None and hit[0] is kernel:
             return hit[1:]
         kind = "forward" if plan.kind == "forward" else "backward"
-        spans = spans()
         candidates = []
-        for bm, bn in (SPAN_SHAPES if spans else TILE_SHAPES):
-            tiles = compiled.tiles(plan, sizes, params, bm, bn)
-            if spans:
-                fine = compiled.tiles(plan, sizes, params, SPAN_ROWS, bn) if bm > SPAN_ROWS else tiles
-                candidates.append((spans_cost(tiles, fine, bm, sizes, SPANS[kind]), bm, join(tiles, None, True)))
-            else:
-                candidates += [(cost(t, bm, sizes, LOOP[kind]), bm, t) for t in (tiles, join(tiles, JOIN * bn, False))]
-        _, block_m, tiles = min(candidates, key=lambda c: c[0])
+        if spans():
+            for bm, bn in SPAN_SHAPES:
+                tiles = compiled.tiles(plan, sizes, params, bm, bn)
+                for rows in (r for r in SPAN_ROWS if r <= bm):
+                    fine = compiled.tiles(plan, sizes, params, rows, bn) if bm > rows else tiles
+                    rate = lambda t, f: spans_cost(t, f, bm, rows, sizes, SPANS[kind])       # noqa: E731
+                    candidates.append((rate(tiles, fine), bm, join(tiles, None, True), rows))
+                    # or each run of tiles one partial span: one call per row block where full tiles lie
+                    # between partial ones (a band), the mask evaluated over all of them
+                    candidates.append((rate(partial(tiles), partial(fine)), bm, join(partial(tiles), None, True), rows))
+        else:
+            for bm, bn in TILE_SHAPES:
+                tiles = compiled.tiles(plan, sizes, params, bm, bn)
+                candidates += [(cost(t, bm, sizes, LOOP[kind]), bm, t, None)
+                               for t in (tiles, join(tiles, JOIN * bn, False))]
+        _, block_m, tiles, rows = min(candidates, key=lambda c: c[0])
         if not plan.sparsity.params:
-            self.memo[key] = (kernel, block_m, tiles, spans)   # holds kernel: its id is not reused while remembered
+            self.memo[key] = (kernel, block_m, tiles, rows)    # holds kernel: its id is not reused while remembered
             if len(self.memo) > self.size:
                 self.memo.popitem(last=False)
-        return block_m, tiles, spans
+        return block_m, tiles, rows
 
 
 def blocks_text() -> str:
     shapes = lambda s: ", ".join(f"{m}x{n}" for m, n in s)
     return (f"BLOCK_M x BLOCK_N chosen per call by a cost model of the classified tiles (banded masks take small "
             f"tiles, dense ones large): the tile loop among {shapes(TILE_SHAPES)}; plain softmax passes go to "
-            f"SDPA's CPU kernel in spans of like tiles, classified at {shapes(SPAN_SHAPES)}")
+            f"SDPA's CPU kernel in spans of like tiles, classified at {shapes(SPAN_SHAPES)}, partial spans by "
+            f"blocks of {' or '.join(map(str, SPAN_ROWS))} rows")

@@ -1,6 +1,6 @@
 """What the torch backend's kernels call for a pass of plain softmax attention (torch_backend.sdpa_pass):
 SDPA's fused CPU kernel over spans of key tiles, the mask of a partial span as an additive bias, and the
-merge of the spans' results through their log-sum-exp. A kernel receives this module as `spans`.
+merge of the spans' results through their log-sum-exp. A kernel receives a Spans as `spans`.
 
 Shapes follow the kernels: a query tile is [B, HKV, GROUP, rows, D] (the query heads of a kv head stacked),
 keys and values [B, HKV, cols, D]; SDPA sees the tile as [B, HKV, GROUP * rows, D]."""
@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from attnc.backends.torch_schedule import SPAN_ROWS
 
 # SDPA's fused CPU kernel: flash attention that also returns each row's log-sum-exp (None where absent)
 HAS_SDPA = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
@@ -37,17 +35,17 @@ def kept_keys(keep, start_n, end_n):
     return start_n, end_n, None if keep.all() else keep
 
 
-def blocks(q_t, start_n, end_n, keep):
+def blocks(q_t, start_n, end_n, keep, block):
     """(r0, r1, start_n, end_n, keep) for each block of rows of a query tile that keeps a key of the span:
-    the whole tile for a full span, blocks of SPAN_ROWS rows over the keys they keep for a partial one."""
+    the whole tile for a full span, blocks of `block` rows over the keys they keep for a partial one."""
     rows = q_t.shape[3]
     if keep is None:
         return [(0, rows, start_n, end_n, None)]
     keep = torch.as_tensor(keep)
     keep = keep.view((1,) * (5 - keep.dim()) + tuple(keep.shape))
     out = []
-    for r0 in range(0, rows, SPAN_ROWS):
-        r1 = min(r0 + SPAN_ROWS, rows)
+    for r0 in range(0, rows, block):
+        r1 = min(r0 + block, rows)
         a, b, kept = kept_keys(keep[..., r0:r1, :] if keep.shape[3] > 1 else keep, start_n, end_n)
         if a < b:
             out.append((r0, r1, a, b, kept))
@@ -82,10 +80,10 @@ def attend(q, k, v, keep):
     return out.reshape(B, HKV, GROUP, rows, -1), lse.reshape(B, HKV, GROUP, rows, 1)
 
 
-def softmax_span(q_t, k_all, v_all, start_n, end_n, keep, width):
+def softmax_span(q_t, k_all, v_all, start_n, end_n, keep, width, block):
     """(out, lse) of a query tile over the keys start_n:end_n alone; None where the span keeps no pair."""
     parts = [(r0, r1, attend(q_t[:, :, :, r0:r1], k_all[:, :, a:b], v_all[:, :, a:b], kept))
-             for r0, r1, a, b, kept in blocks(q_t, start_n, end_n, keep)]
+             for r0, r1, a, b, kept in blocks(q_t, start_n, end_n, keep, block)]
     if not parts:
         return None
     if len(parts) == 1 and parts[0][:2] == (0, q_t.shape[3]):
@@ -107,16 +105,22 @@ def merge_spans(parts, rows_like, width):
     if len(parts) == 1:
         out, lse = parts[0]
         return lse, (lse > -math.inf).to(lse.dtype), out
-    lse = torch.stack([lse for _, lse in parts])
-    m = lse.amax(0)
-    w = lse.sub_(torch.where(m == -math.inf, 0.0, m)).exp_()
-    return m, w.sum(0), torch.stack([out for out, _ in parts]).mul_(w).sum(0)
+    m = parts[0][1]
+    for _, lse in parts[1:]:
+        m = torch.maximum(m, lse)
+    ref = torch.where(m == -math.inf, 0.0, m)
+    l = acc = None
+    for out, lse in parts:                              # each span's out and lse are its own: overwritten
+        w = lse.sub_(ref).exp_()
+        l = w if l is None else l.add_(w)
+        acc = out.mul_(w) if acc is None else acc.add_(out.mul_(w))
+    return m, l, acc
 
 
-def softmax_span_grad(dq, dk_all, dv_all, do_t, q_t, o_t, lse_t, k_all, v_all, start_n, end_n, keep):
+def softmax_span_grad(dq, dk_all, dv_all, do_t, q_t, o_t, lse_t, k_all, v_all, start_n, end_n, keep, block):
     """Adds the gradients of softmax attention restricted to the keys start_n:end_n into dq (the tile's) and
     dk_all, dv_all (the keys'), given each row's lse over all its keys (+inf for a row that keeps none)."""
-    for r0, r1, a, b, kept in blocks(q_t, start_n, end_n, keep):
+    for r0, r1, a, b, kept in blocks(q_t, start_n, end_n, keep, block):
         q, do, o, lse = (x[:, :, :, r0:r1] for x in (q_t, do_t, o_t, lse_t))
         k, v = k_all[:, :, a:b], v_all[:, :, a:b]
         B, HKV, GROUP, rows, _ = q.shape
@@ -133,3 +137,18 @@ def softmax_span_grad(dq, dk_all, dv_all, do_t, q_t, o_t, lse_t, k_all, v_all, s
         dq[:, :, :, r0:r1] += dq_b.reshape(B, HKV, GROUP, rows, -1)
         dk_all[:, :, a:b] += dk_b
         dv_all[:, :, a:b] += dv_b
+
+
+class Spans:
+    """What a fused kernel calls: the functions above, partial spans attended by blocks of `block` rows."""
+
+    def __init__(self, block: int):
+        self.block = block
+
+    def softmax_span(self, q_t, k_all, v_all, start_n, end_n, keep, width):
+        return softmax_span(q_t, k_all, v_all, start_n, end_n, keep, width, self.block)
+
+    def softmax_span_grad(self, dq, dk_all, dv_all, do_t, q_t, o_t, lse_t, k_all, v_all, start_n, end_n, keep):
+        softmax_span_grad(dq, dk_all, dv_all, do_t, q_t, o_t, lse_t, k_all, v_all, start_n, end_n, keep, self.block)
+
+    merge_spans = staticmethod(merge_spans)
