@@ -109,6 +109,18 @@ def test_unchecked_tiles_match_the_oracle(name, shape):
     run_check(compiled(name), shape, seed=4)
 
 
+def test_wide_offsets_compute_the_same(monkeypatch):
+    # WIDE (a row offset past int32, which needs 2^31 elements in one batch and head) is forced on: the offsets
+    # in int64 give the same attention as the int32 ones
+    real = triton_launch.load_module
+    forced = lambda source, name: real(source.replace("    WIDE = max(", "    WIDE = True or max("), name)  # noqa: E731
+    monkeypatch.setattr(triton_launch, "load_module", forced)
+    attn = attnc.compile(example("alibi"), backend="triton")        # its kernels loaded through `forced`
+    source = attn.source("triton")
+    assert "    WIDE = max(" in source and "times(start_n, stride_kn, WIDE)" in source
+    run_check(attn, SHAPES["ragged_gqa"], seed=23)
+
+
 def test_strided_inputs_and_params():
     attn = compiled("t5_bias")
     q, k, v, params = inputs(attn, SHAPES["ragged_gqa"], seed=3)
@@ -203,7 +215,8 @@ def test_scores_not_folded_to_base_2_use_exp2_times_log2e():
 @pytest.mark.parametrize("name, texts", [
     ("alibi", ["h_slopes_h = tl.load(p_slopes + off_h * stride_slopes_0)",      # hoisted out of the key loop
                "s = qk * late_scale - 1.4426950408889634 * h_slopes_h * tl.cast(", "p = tl.exp2(s - m_i_ref)"]),
-    ("softcap", ["s = 43.2808512266689 * tanh(qk * (0.023104906018664842 * late_scale))"]),
+    ("softcap", ["s = tanh(qk * (0.023104906018664842 * late_scale))",       # its factor 30 log2(e) at each read
+                 "p = tl.exp2(s * 43.2808512266689 - m_i_ref)"]),
     ("sigmoid", ["s = qk * late_scale - 1.4426950408889634 * tl.log(", "p = sigmoid2(s)"]),
     ("sinks", ["divz_rows(acc, l_i + tl.exp2(1.4426950408889634 * h_sinks_h - m_i))"]),
 ])

@@ -180,28 +180,46 @@ class _Render:
         self.scaled = scaled_names(plan) if plan.base2 else set()
         self.param_args = self._param_args()
         self.matrix_loads = [x for x in plan.loads if x.width is not None]
-        # the logit tile holds q.k times dot_scale; every read of it multiplies by late_scale (see the pass)
-        scaled_dot = any(d.scaled for p in plan.passes for d in p.dots)
-        late = E.make(Op.MUL, value("qk"), value("late_scale"))
-        self.late = {value(n): late for n in ("qk", "s") if n == "qk" or self.alias.get(n) == "qk"} \
-            if scaled_dot else {}
+        # factors applied where a value is read, not where it is made: the logit tile holds q.k times dot_scale
+        # and every read multiplies by late_scale (see the pass); a score c * x with a constant c > 0 is kept
+        # as x, every read times c. Either way a row max is taken before the factor (max(x) c = max(x c)).
+        self.late: dict[Node, Node] = {}
+        if any(d.scaled for p in plan.passes for d in p.dots):
+            self.late = {value(n): value("late_scale") for n in ("qk", "s") if n == "qk" or self.alias.get(n) == "qk"}
+        self.score_factor = self._score_factor()
+        if self.score_factor is not None:
+            self.late[value("s")] = self.score_factor[0]
         self.row_loads = [x for x in plan.loads if x.width is None]
 
     def text(self, e: Node) -> str:
         return self.t.text(self.late_scaled(e) if self.late else e)
 
+    def _score_factor(self) -> tuple[Node, Node] | None:
+        """(c, x) for a score c * x (or x * c) with a constant c > 0: the score line computes x."""
+        if self.plan.score is None or "score" not in self.lines or self.lines["score"][1].get("s") != "s":
+            return None
+        e = dict(self.lines["score"][0]).get("s")
+        if e is None or e.op is not Op.MUL:
+            return None
+        for c, x in (e.src, e.src[::-1]):
+            if c.op is Op.CONST and c.dtype == E.FLOAT and 0 < c.arg < math.inf:
+                return c, x
+        return None
+
     def late_scaled(self, root: Node) -> Node:
-        """root reading the logit tile times late_scale: qk -> qk * late_scale, and c * qk -> qk * (c *
-        late_scale), one multiply per element where the constant would make two."""
+        """root reading each value of self.late times its factor: qk -> qk * late_scale, and a * qk -> qk *
+        (a * late_scale), one multiply per element where the constant would make two."""
         memo: dict[Node, Node] = {}
         for n in root.walk():
             if n in self.late:
-                memo[n] = self.late[n]
+                memo[n] = E.make(Op.MUL, n, self.late[n])
                 continue
             if n.op is Op.MUL and any(x in self.late for x in n.src) and any(
                     x.op is Op.CONST and x.dtype == E.FLOAT for x in n.src):
-                c, logit = sorted(n.src, key=lambda x: x in self.late)
-                memo[n] = E.make(Op.MUL, logit, E.make(Op.MUL, c, value("late_scale")))
+                a, read = sorted(n.src, key=lambda x: x in self.late)
+                factor = self.late[read]
+                memo[n] = E.make(Op.MUL, read, E.const(a.arg * factor.arg) if factor.op is Op.CONST
+                                 else E.make(Op.MUL, a, factor))
                 continue
             srcs = tuple(memo[x] for x in n.src)
             memo[n] = n if srcs == n.src else Node(n.op, srcs, n.arg, E.keep_dtype(n, srcs), n.loc)
@@ -275,10 +293,10 @@ class _Render:
         pad = "PAD_D" if x.width == "e" else "PAD_DV"
         r, w = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
         if at == "program":
-            ptrs = f"{pointer(x.name)} + {x.name}_offset + {rows}{r} * {sr} + {offs_w}{w} * {sk}"
+            ptrs = f"{pointer(x.name)} + {x.name}_offset + times({rows}{r}, {sr}, WIDE) + {offs_w}{w} * {sk}"
         else:
             start = "start_m" if x.rank == "m" else "start_n"
-            ptrs = f"{x.name}_ptrs + {start}.to(tl.int64) * {sr}"
+            ptrs = f"{x.name}_ptrs + times({start}, {sr}, WIDE)"
         cast = "tl.float32" if x.role == "saved" else "DOT_DTYPE"
         return (f"{x.name} = load_checked({ptrs}, {rows}{r} < {lim}, {offs_w}{w} < {width}, {check}, {pad}, "
                 f"0.0).to({cast})")
@@ -339,7 +357,10 @@ class _Render:
                          f"tl.dot({d.a}, {b}, input_precision=INPUT_PRECISION){scale}"))
         score_lines = []
         if plan.score is not None:
-            score_lines = self.assigns(self.lines["score"][0])
+            lines = self.lines["score"][0]
+            if self.score_factor is not None:           # s = c * x computes x; reads of s multiply by c
+                lines = [(n, self.score_factor[1] if n == "s" else e) for n, e in lines]
+            score_lines = self.assigns(lines)
         idx = INDEX_VARS[par]
         bounds = f"({idx['kv_idx']} < N_KV)" if lp == "n" else f"({idx['q_idx']} < N_Q)"
         mask_lines = []
@@ -359,16 +380,17 @@ class _Render:
             v = max_names.get(f"{s.name}_tile")
             if s.kind == "max":
                 new = s.name.replace("m_i", "m_ij") if s.name.startswith("m_i") else f"{s.name}_new"
-                raw = self.late and s.value in self.late        # the row max of the logit itself: scaled after
-                v = "qk" if raw else v
+                raw = s.value in self.late          # the row max of the logit or score itself: scaled after
+                v = self.alias.get(s.value.arg, s.value.arg) if raw else v
+                factor = self.text(self.late[s.value]) if raw else None
                 tile = v if dropped(s.value) == NEG else f"tl.where(keep, {v}, {NEG_INF})"
                 if dropped(s.value) == NEG:
                     unmasked.add(s.name)
                 if raw:             # partial tiles scale first: with the mask's select, fewer values stay live
                     updates_max += ["if IS_FULL:",
-                                    f"    {new} = tl.maximum({s.name}, tl.max({tile}, 1, keep_dims=True) * late_scale)",
+                                    f"    {new} = tl.maximum({s.name}, tl.max({tile}, 1, keep_dims=True) * {factor})",
                                     "else:",
-                                    f"    {new} = tl.maximum({s.name}, tl.max({tile} * late_scale, 1, keep_dims=True))"]
+                                    f"    {new} = tl.maximum({s.name}, tl.max({tile} * {factor}, 1, keep_dims=True))"]
                 else:
                     updates_max.append(f"{new} = tl.maximum({s.name}, tl.max({tile}, 1, keep_dims=True))")
                 updates_max.append(f"{s.name}_ref = tl.where({new} == {NEG_INF}, 0.0, {new})  "
@@ -540,8 +562,8 @@ class _Render:
                 args.append(a)
         targets = ", ".join(states)
         const = "BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DMODEL=BLOCK_DMODEL, BLOCK_DV=BLOCK_DV, " \
-                "PAD_D=PAD_D, PAD_DV=PAD_DV, POS_SCALE=POS_SCALE, DETERMINISTIC=DETERMINISTIC, DOT_DTYPE=DOT_DTYPE, " \
-                "INPUT_PRECISION=INPUT_PRECISION"
+                "PAD_D=PAD_D, PAD_DV=PAD_DV, POS_SCALE=POS_SCALE, WIDE=WIDE, DETERMINISTIC=DETERMINISTIC, " \
+                "DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION"
         loop_check, par_check = (r["loop_check"], "CHECK_M" if self.par == "m" else "CHECK_N")
         out = []
         for full, lst, lo, hi in ((False, "IDX", "lo", "hi"), (True, "FULL_IDX", "full_lo", "full_hi")):
@@ -649,7 +671,8 @@ class _Render:
             sz, sh, sr, sk = self.strides(s.target, self.par)
             out.append(f"{s.target}_offset = off_b.to(tl.int64) * {sz} + {head}.to(tl.int64) * {sh}")
             check, pad = ("CHECK_M" if self.par == "m" else "CHECK_N"), ("PAD_D" if s.width == "e" else "PAD_DV")
-            out.append(f"store_checked({ptr} + {s.target}_offset + {rows}[:, None] * {sr} + {offs_w}[None, :] * {sk}, "
+            out.append(f"store_checked({ptr} + {s.target}_offset + times({rows}[:, None], {sr}, WIDE) + "
+                       f"{offs_w}[None, :] * {sk}, "
                        f"({v}).to({ptr}.dtype.element_ty), {rows}[:, None] < {lim}, {offs_w}[None, :] < {width}, "
                        f"{check}, {pad})")
         for j, g in enumerate(plan.row_grads):
@@ -732,6 +755,10 @@ class _Render:
                   "CHECK_M, CHECK_N = N_Q % BLOCK_M != 0, N_KV % BLOCK_N != 0  # a ragged last tile of queries, keys",
                   "PAD_D, PAD_DV = BLOCK_DMODEL != HEAD_DIM, BLOCK_DV != HEAD_DIM_V  # head dims padded to a power of 2",
                   "POS_SCALE = sm_scale > 0  # the scale commutes with the row max",
+                  "# a row offset of some tensor may pass int32 (past 2^31 elements in one batch and head): int64",
+                  "WIDE = max(((t.shape[2] + 256) * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3)) for t in ("
+                  + "".join(f"{t}, " for t in [x.name for x in plan.loads if x.width is not None]
+                            + [st.target for st in plan.stores if st.width is not None]) + ")), default=0) >= 2 ** 31",
                   "GROUP = H // HKV"]
         for s in self.split_states():
             dot = next(x for x in plan.passes[-1].states if x.name == s).kind == "dot"
