@@ -277,9 +277,8 @@ def test_a_sum_of_exp_plus_rowmax():
     _torch_case("variant x\nnorm = exp(score + rowmax(score)) / rowsum(exp(score + rowmax(score)))\n")
 
 
-@pytest.mark.xfail(strict=True, reason="the torch backend flushes subnormal floats to 0 while a kernel runs, so a "
-                   "score that passes through them (score / 1e308) differs from the reference")
-def test_known_a_score_through_subnormals_is_flushed():
+def test_a_score_through_subnormals():
+    # score / 1e308 passes through subnormal floats: no flush to zero may change it
     _torch_case("variant x\nconst cap = 30.0\nscore = cap * tanh(score / cap)\n", cap=1e308)
 
 
