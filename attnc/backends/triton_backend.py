@@ -372,6 +372,20 @@ class _Render:
         # -- what the dropped pairs need: a score of -inf there makes every value that vanishes at -inf 0 --
         s_var = self.alias.get("s", "s")
         dropped = lambda v: at_dropped(v, {"s", s_var}, {f"{m.name}_ref" for m in p.maxes})    # noqa: E731
+        tile_shape = "(BLOCK_M, BLOCK_N)" if par == "m" else "(BLOCK_N, BLOCK_M)"
+        full_names = {d.name for d in p.dots}       # whole tiles: the products, and what the score makes of them
+        if plan.score is not None:
+            for n, e in self.lines["score"][0]:
+                if any(x.op is Op.TENSOR and x.arg in full_names for x in e.walk()):
+                    full_names.add(n)
+        full_names |= {a for a, b in self.alias.items() if b in full_names}
+
+        def whole(s, v: str) -> str:
+            """v as a whole tile: a value that reads no product (a constant, one index) is broadcast."""
+            if any(n.op is Op.TENSOR and n.arg in full_names for n in s.value.walk()):
+                return v
+            return f"tl.broadcast_to({v}, {tile_shape})"
+
         # -- maxima --
         max_lines, max_names = self.names((i, "max"))
         updates_max = []
@@ -383,7 +397,7 @@ class _Render:
                 raw = s.value in self.late          # the row max of the logit or score itself: scaled after
                 v = self.alias.get(s.value.arg, s.value.arg) if raw else v
                 factor = self.text(self.late[s.value]) if raw else None
-                tile = v if dropped(s.value) == NEG else f"tl.where(keep, {v}, {NEG_INF})"
+                tile = whole(s, v) if dropped(s.value) == NEG else f"tl.where(keep, {whole(s, v)}, {NEG_INF})"
                 if dropped(s.value) == NEG:
                     unmasked.add(s.name)
                 if raw:             # partial tiles scale first: with the mask's select, fewer values stay live
@@ -396,7 +410,7 @@ class _Render:
                 updates_max.append(f"{s.name}_ref = tl.where({new} == {NEG_INF}, 0.0, {new})  "
                                    f"# a row with nothing kept yet")
             elif s.kind == "argmax":
-                updates_max += [f"{s.name}_tile = tl.where(keep, {v}, {NEG_INF})",
+                updates_max += [f"{s.name}_tile = tl.where(keep, {whole(s, v)}, {NEG_INF})",
                                 f"{s.name}_val = tl.max({s.name}_tile, 1, keep_dims=True)",
                                 f"{s.name}_at = tl.argmax({s.name}_tile, 1, keep_dims=True) + start_n",
                                 f"{s.name}_better = {s.name}_val > {s.name}_max  # the first key holding the max wins",
@@ -415,11 +429,13 @@ class _Render:
         for s in p.states:
             if s.kind in ("sum", "dot") and dropped(s.value) == ZERO:
                 unmasked.add(s.name)
-        kept = lambda s, v: v if s.name in unmasked else f"tl.where(keep, {v}, 0.0)"     # noqa: E731
+        kept = lambda s, v: whole(s, v) if s.name in unmasked else f"tl.where(keep, {whole(s, v)}, 0.0)"  # noqa: E731
         if dot is not None:             # the weights p, masked once: P V and the row sums of P read them
             v = val_names["p" if "p" not in dict(p.defs) else f"{dot.name}_tile"]
             if not (v == "p" and (self._masked_def(dot.value, p) or dot.name in unmasked)):
-                pre.append(f"p = {v if self._masked_def(dot.value, p) else kept(dot, v)}")
+                pre.append(f"p = {whole(dot, v) if self._masked_def(dot.value, p) else kept(dot, v)}")
+            elif whole(dot, v) != v:
+                pre.append(f"p = {whole(dot, v)}")
         for s in p.states:
             if s.kind != "sum":
                 continue
@@ -434,7 +450,7 @@ class _Render:
                 w = "p"
             else:
                 v = val_names[f"{s.name}_tile"]
-                w = v if self._masked_def(s.value, p) else kept(s, v)
+                w = whole(s, v) if self._masked_def(s.value, p) else kept(s, v)
             operand = s.operand if not transposed.get(s.operand, False) else f"tl.trans({s.operand})"
             alpha = " * ".join(alpha_of[r] for r in s.rescale)
             if alpha:
@@ -457,8 +473,10 @@ class _Render:
         if finals:
             updates.append(("the new maxima", finals))
         states = [s.name for s in p.states] + [f"{s.name}_max" for s in p.states if s.kind == "argmax"]
+        reads_score = any(n.op is Op.TENSOR and n.arg in ("s", s_var)
+                          for st in p.states if st.name in unmasked for n in st.value.walk())
         mask_score = f"{s_var} = tl.where(keep, {s_var}, {NEG_INF})  # dropped pairs: exp2 of -inf is 0" \
-            if unmasked else None
+            if reads_score else None
         out = {"number": i, "setup": setup, "mask_score": mask_score, "header": header, "step_loads": step_loads, "dots": dots,
                "score_lines": score_lines, "bounds": bounds, "loop_check": "CHECK_N" if lp == "n" else "CHECK_M",
                "advance": advance, "mask_lines": mask_lines, "max_lines": self.assigns(max_lines),
