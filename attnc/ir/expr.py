@@ -300,8 +300,8 @@ def check_ints(root: Node, loc: Loc | None = None) -> None:
 
 
 INT_RANGE_WORDS = "an integer from -2**31 to 2**31 - 1 (indices are computed in 32 bits)"
-# A float below float64's smallest normal number is subnormal: the torch backend flushes those to 0 while
-# a kernel runs (and float32 has no such numbers), so 1e-320 would be 0 in a kernel and not in the reference.
+# A float below float64's smallest normal number is subnormal: a constant like 1e-320 is 0 in a float32
+# kernel and not in the reference, and no variant needs one, so such constants are refused.
 FLOAT_TINY = 2.2250738585072014e-308
 TINY_WORDS = "0.0, or a number of magnitude at least 2.2250738585072014e-308"
 
