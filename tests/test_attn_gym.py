@@ -153,8 +153,6 @@ def _distinct(topk, n):
 XFAIL = {
     "tanh_softcap_approx": "approx=True calls the custom op approx::tanh through an autograd.Function, whose "
                            "meaning attnc cannot read; approx=False traces",
-    "activation_gelu": "the default activation F.gelu is the exact (erf) form, and attnc's function library has "
-                       "no erf (an IR op ERF is needed); F.gelu(x, approximate='tanh') traces",
 }
 
 CASES = cases()

@@ -172,6 +172,7 @@ ACTIVATIONS = {
     "logsigmoid": F.logsigmoid, "hardshrink": F.hardshrink, "softshrink": F.softshrink, "softplus": F.softplus,
     "softplus_beta": lambda x: F.softplus(x, beta=2.0, threshold=1.5), "sigmoid": F.sigmoid, "tanh": F.tanh,
     "relu": F.relu, "expit": torch.special.expit, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu, "erf": torch.erf, "special_erf": torch.special.erf,
     "threshold": lambda x: F.threshold(x, 0.1, -2.0), "log1p": lambda x: torch.log1p(x.abs()),
     "expm1": torch.expm1, "square": torch.square, "reciprocal": lambda x: torch.reciprocal(x.abs() + 1),
     "trunc": torch.trunc, "fmod": lambda x: torch.fmod(x, 0.7), "remainder": lambda x: x % 0.7,
@@ -331,7 +332,8 @@ def test_python_and_or_max_on_traced_values_are_rejected():
 
 
 @pytest.mark.parametrize("body,words", [
-    (lambda s, b, h, q, kv: F.gelu(s), "approximate='tanh'"),
+    (lambda s, b, h, q, kv: torch.erfc(s), "1 - erf(x)"),
+    (lambda s, b, h, q, kv: F.gelu(s, approximate="fast"), "'none' or 'tanh'"),
     (lambda s, b, h, q, kv: torch.sin(s), "table indexed by position"),
     (lambda s, b, h, q, kv: s + (s * 2).int(), "float-to-integer"),
     (lambda s, b, h, q, kv: s + (q & kv), "mask the result with a constant"),

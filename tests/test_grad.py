@@ -11,9 +11,9 @@ import torch
 import attnc
 
 try:
-    from helpers import EXAMPLE_IDS, example, generator
+    from helpers import EXAMPLE_IDS, check_against_oracle, example, generator
 except ImportError:
-    from tests.helpers import EXAMPLE_IDS, example, generator
+    from tests.helpers import EXAMPLE_IDS, check_against_oracle, example, generator
 
 from attnc.runtime.inputs import random_inputs, random_params
 
@@ -97,6 +97,39 @@ def test_gradcheck_in_float64(name):
     def f(q, k, v, *vals):
         return attn(q, k, v, **fixed, **dict(zip(floats, vals)))
     assert torch.autograd.gradcheck(f, (q, k, v, *values), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# a score that reads the same value along two paths (equal nodes that need not be one object): the chain
+# rule must add each path once; a param read twice; erf (exact gelu), whose derivative is 2 e^(-x^2) / sqrt(pi)
+REPEATED = {"score_twice": "variant r\nscore = score + 0.5 * tanh(score)\n",
+            "gelu": "variant r\nscore = 0.5 * score * (1 + erf(score * 0.7071067811865476))\n",
+            "param_twice": "variant r\nparam t: f32[H]\nscore = score * t[h] + tanh(score * t[h])\n",
+            "index_twice": "variant r\nscore = score - 0.1 * abs(q_idx - kv_idx) + sigmoid(score - 0.1 * abs(q_idx - kv_idx))\n"}
+
+
+@pytest.mark.parametrize("name", list(REPEATED))
+def test_gradcheck_where_a_value_is_read_twice(name):
+    attn = attnc.compile(REPEATED[name], backend="torch")
+    gen = generator(13)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    t = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    params = (t,) if attn.param_specs else ()
+
+    def f(q, k, v, *vals):
+        return attn(q, k, v, **dict(zip(attn.param_specs, vals)))
+    assert torch.autograd.gradcheck(f, (q, k, v, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="needs triton with TRITON_INTERPRET=1 or a GPU"))])
+@pytest.mark.parametrize("name", list(REPEATED))
+def test_gradients_where_a_value_is_read_twice_match_the_reference(name, backend):
+    attn = attnc.compile(REPEATED[name], backend=backend)
+    check_grads(attn, TRITON_SHAPES["ragged_gqa"], lse=False, seed=7)
+    B, H, HKV, Q, KV, D, Dv = TRITON_SHAPES["ragged_gqa"]
+    gen = generator(8)
+    q, k, v = random_inputs(attn, B, H, HKV, Q, KV, D, Dv, torch.float32, gen)
+    check_against_oracle(attn, q, k, v, random_params(attn, B, H, HKV, Q, KV, D, gen))
 
 
 NORMS = {"softmax": "softmax", "sinks": "softmax(sink = sinks[h])", "sigmoid": "sigmoid",

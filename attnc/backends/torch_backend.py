@@ -36,7 +36,7 @@ TABLE: dict[Op, tuple[str, int]] = {
     Op.AND: ("{0} & {1}", 7), Op.OR: ("{0} | {1}", 6), Op.NOT: ("~{0}", 12),
     Op.EXP: ("torch.exp({0})", ATOM), Op.EXP2: ("torch.exp2({0})", ATOM), Op.LOG: ("torch.log({0})", ATOM),
     Op.LOG2: ("torch.log2({0})", ATOM), Op.SQRT: ("torch.sqrt({0})", ATOM), Op.RSQRT: ("torch.rsqrt({0})", ATOM),
-    Op.TANH: ("torch.tanh({0})", ATOM), Op.SIGMOID: ("torch.sigmoid({0})", ATOM),
+    Op.TANH: ("torch.tanh({0})", ATOM), Op.ERF: ("torch.erf({0})", ATOM), Op.SIGMOID: ("torch.sigmoid({0})", ATOM),
     Op.SOFTPLUS: ("F.softplus({0})", ATOM), Op.RELU: ("torch.relu({0})", ATOM), Op.ABS: ("abs({0})", ATOM),
     Op.SIGN: ("torch.sign({0})", ATOM), Op.FLOOR: ("torch.floor({0})", ATOM), Op.CEIL: ("torch.ceil({0})", ATOM),
     Op.MIN: ("torch.minimum(torch.as_tensor({0}), torch.as_tensor({1}))", ATOM),
@@ -96,7 +96,7 @@ def tile_text(n: Node, parts: list[str]) -> tuple[str, int] | None:
 
 # a function of a temporary that nothing else reads overwrites it instead of allocating
 INPLACE = {op: (f"{{0}}.{name}_()", ATOM, ATOM) for op, name in (
-    (Op.EXP, "exp"), (Op.EXP2, "exp2"), (Op.TANH, "tanh"), (Op.SIGMOID, "sigmoid"), (Op.RELU, "relu"),
+    (Op.EXP, "exp"), (Op.EXP2, "exp2"), (Op.TANH, "tanh"), (Op.ERF, "erf"), (Op.SIGMOID, "sigmoid"), (Op.RELU, "relu"),
     (Op.LOG, "log"), (Op.SQRT, "sqrt"), (Op.ABS, "abs"))} | {
     op: (f"{{0}}.{name}_({{1}})", ATOM, ATOM) for op, name in (
         (Op.SUB, "sub"), (Op.ADD, "add"), (Op.MUL, "mul"), (Op.DIV, "div"))}
@@ -221,7 +221,8 @@ def _new(s: State) -> str:
 
 # operations whose result is always a new tensor (never one of their operands): safe to overwrite later
 TILE_PRODUCTS = {"qk", "dp", "s"}          # full tiles [B, HKV, GROUP, rows, cols]: so is what is computed from them
-FRESH = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.EXP2, Op.TANH, Op.SIGMOID, Op.DIVZ, Op.LOG, Op.SQRT}
+FRESH = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG, Op.EXP, Op.EXP2, Op.TANH, Op.ERF, Op.SIGMOID, Op.DIVZ, Op.LOG,
+         Op.SQRT}
 
 
 class _Render:

@@ -34,6 +34,7 @@ TABLE: dict[Op, tuple] = {
     Op.EXP: ("tl.exp2({0} * LOG2E)", ATOM, 11),                      # exp(x) = 2^(x log2 e)
     Op.EXP2: ("tl.exp2({0})", ATOM), Op.LOG: ("tl.log({0})", ATOM), Op.LOG2: ("tl.log2({0})", ATOM),
     Op.SQRT: ("tl.sqrt({0})", ATOM), Op.RSQRT: ("tl.rsqrt({0})", ATOM), Op.TANH: ("tanh({0})", ATOM),
+    Op.ERF: ("tl.erf({0})", ATOM),
     Op.SIGMOID: ("sigmoid({0})", ATOM), Op.SOFTPLUS: ("softplus({0})", ATOM),
     Op.RELU: ("tl.maximum({0}, 0)", ATOM), Op.ABS: ("tl.abs({0})", ATOM), Op.SIGN: ("sign({0})", ATOM),
     Op.FLOOR: ("tl.floor({0})", ATOM), Op.CEIL: ("tl.ceil({0})", ATOM),

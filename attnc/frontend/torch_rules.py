@@ -338,10 +338,12 @@ def _softplus(x, beta=1.0, threshold=20.0):
 
 
 def _gelu(x, approximate="none"):
-    if approximate != "tanh":
-        fail("gelu with approximate='none' needs erf, which attnc's function library lacks",
-              "F.gelu(x, approximate='tanh'), or a new IR op ERF")
-    x = as_float(x)   # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    if approximate not in ("none", "tanh"):
+        fail(f"gelu's approximate must be 'none' or 'tanh', not {approximate!r}", "approximate='none' or 'tanh'")
+    x = as_float(x)
+    if approximate == "none":       # 0.5 x (1 + erf(x / sqrt(2)))
+        return E.make(Op.MUL, 0.5 * x, 1.0 + E.make(Op.ERF, E.make(Op.MUL, x, 1 / math.sqrt(2))))
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     inner = E.make(Op.MUL, math.sqrt(2 / math.pi), x + E.make(Op.MUL, 0.044715, x * x * x))
     return E.make(Op.MUL, 0.5 * x, 1.0 + E.make(Op.TANH, inner))
 
@@ -359,6 +361,7 @@ _HARD = lambda lo, hi: lambda x: E.make(Op.MIN, E.make(Op.MAX, numeric(x), lo), 
 POINTWISE = {
     "exp": _unary(Op.EXP), "exp2": _unary(Op.EXP2), "log": _unary(Op.LOG), "log2": _unary(Op.LOG2),
     "sqrt": _unary(Op.SQRT), "rsqrt": _unary(Op.RSQRT), "tanh": _unary(Op.TANH), "sigmoid": _unary(Op.SIGMOID),
+    "erf": _unary(Op.ERF), "special_erf": _unary(Op.ERF),
     "relu": _unary(Op.RELU), "abs": _unary(Op.ABS), "sign": _unary(Op.SIGN), "neg": _unary(Op.NEG),
     "negative": _unary(Op.NEG), "floor": _unary(Op.FLOOR), "ceil": _unary(Op.CEIL), "trunc": trunc,
     "fix": trunc, "absolute": _unary(Op.ABS), "square": lambda x: numeric(x) * numeric(x),

@@ -277,9 +277,8 @@ def stack(items, dim=0):
     return rearrange(stacked, lambda p: p.movedim(0, dim)) if dim else stacked
 
 UNSUPPORTED = {
-    "erf": "erf is not in attnc's function library (an IR op ERF would be needed); for gelu use "
-           "approximate='tanh'",
-    "erfc": "erfc is not in attnc's function library", "erfinv": "erfinv is not in attnc's function library",
+    "erfc": "erfc is not in attnc's function library (1 - erf(x) loses its tail past x = 3)",
+    "erfinv": "erfinv is not in attnc's function library",
     "sin": "attnc's function library has no trigonometric functions; precompute a table indexed by position",
     "cos": "attnc's function library has no trigonometric functions; precompute a table indexed by position",
     "tan": "attnc's function library has no trigonometric functions", "atan": "no trigonometric functions",

@@ -34,7 +34,7 @@ class Op(Enum):
     # the function library
     EXP = auto(); EXP2 = auto(); LOG = auto(); LOG2 = auto(); SQRT = auto(); RSQRT = auto()
     TANH = auto(); SIGMOID = auto(); SOFTPLUS = auto(); RELU = auto(); ABS = auto(); SIGN = auto()
-    FLOOR = auto(); CEIL = auto(); MIN = auto(); MAX = auto(); CLAMP = auto()
+    FLOOR = auto(); CEIL = auto(); MIN = auto(); MAX = auto(); CLAMP = auto(); ERF = auto()
     # an integer value used as a float (inserted by backends before printing)
     TOFLOAT = auto()
     # row statistics (normalizers only): a complete reduction over kv_idx of src[0]
@@ -44,7 +44,7 @@ class Op(Enum):
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.DIVZ, Op.MIN, Op.MAX}
 COMPARE = {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
 LOGIC = {Op.AND, Op.OR, Op.NOT}
-UNARY_FLOAT = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SOFTPLUS}
+UNARY_FLOAT = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SOFTPLUS, Op.ERF}
 UNARY_SAME = {Op.NEG, Op.RELU, Op.ABS, Op.SIGN, Op.FLOOR, Op.CEIL}
 ROWSTAT = {Op.ROWMAX, Op.ROWSUM}
 
@@ -52,7 +52,7 @@ ROWSTAT = {Op.ROWMAX, Op.ROWSUM}
 FUNCTIONS: dict[str, tuple[Op, int]] = {
     "exp": (Op.EXP, 1), "exp2": (Op.EXP2, 1), "log": (Op.LOG, 1), "log2": (Op.LOG2, 1),
     "sqrt": (Op.SQRT, 1), "rsqrt": (Op.RSQRT, 1), "tanh": (Op.TANH, 1), "sigmoid": (Op.SIGMOID, 1),
-    "softplus": (Op.SOFTPLUS, 1), "relu": (Op.RELU, 1), "abs": (Op.ABS, 1), "sign": (Op.SIGN, 1),
+    "softplus": (Op.SOFTPLUS, 1), "erf": (Op.ERF, 1), "relu": (Op.RELU, 1), "abs": (Op.ABS, 1), "sign": (Op.SIGN, 1),
     "floor": (Op.FLOOR, 1), "ceil": (Op.CEIL, 1), "min": (Op.MIN, 2), "max": (Op.MAX, 2),
     "clamp": (Op.CLAMP, 3), "where": (Op.WHERE, 3), "rowmax": (Op.ROWMAX, 1), "rowsum": (Op.ROWSUM, 1),
 }
@@ -350,7 +350,7 @@ def _float_fn(op: Op) -> Callable | None:
         Op.POW: torch.pow, Op.DIVZ: lambda a, d: torch.where(d == 0, torch.zeros_like(a), a / d),
         Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
         Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: F.softplus,
-        Op.RELU: torch.relu, Op.ABS: torch.abs, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
+        Op.ERF: torch.erf, Op.RELU: torch.relu, Op.ABS: torch.abs, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
         Op.MIN: torch.minimum, Op.MAX: torch.maximum, Op.TOFLOAT: lambda a: a,
     }.get(op)
 

@@ -23,7 +23,7 @@ INFIX: dict[Op, tuple[str, int]] = {
 # ops that read the same in every Python-like target, as calls
 CALLS = {op: (f"{op.name.lower()}({{0}})", ATOM) for op in (
     Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SOFTPLUS, Op.RELU,
-    Op.ABS, Op.SIGN, Op.FLOOR, Op.CEIL)}
+    Op.ABS, Op.SIGN, Op.FLOOR, Op.CEIL, Op.ERF)}
 
 IR_TABLE: dict[Op, tuple[str, int]] = {
     **INFIX, **CALLS,

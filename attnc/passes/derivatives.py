@@ -46,6 +46,7 @@ RULES: dict[Op, Callable[..., tuple]] = {
     Op.TANH: lambda n, a: (_1 - n * n,),                                 # tanh' = 1 - tanh^2
     Op.SIGMOID: lambda n, a: (n * (_1 - n),),                            # sigmoid' = s (1 - s)
     Op.SOFTPLUS: lambda n, a: (E.make(Op.SIGMOID, a),),                  # softplus' = sigmoid
+    Op.ERF: lambda n, a: (E.const(2 / math.sqrt(math.pi)) * E.make(Op.EXP, -(a * a)),),  # erf' = 2 e^(-a^2) / sqrt(pi)
     Op.RELU: lambda n, a: (_w(E.make(Op.GT, a, _0), _1, _0),),           # relu' = [a > 0]
     Op.ABS: lambda n, a: (E.make(Op.SIGN, a),),                          # |a|' = sign a  (0 at 0)
     Op.SIGN: lambda n, a: (_0,),                                         # sign' = 0
@@ -65,7 +66,9 @@ NO_GRADIENT = E.COMPARE | E.LOGIC | {Op.FLOORDIV, Op.MOD}
 def gradients(root: Node, leaves: list[Node], seed: Node = _1) -> dict[Node, Node]:
     """d(root)/d(leaf) * seed for each leaf, by reverse accumulation over the DAG (each node visited once).
     A leaf root does not reach gets 0."""
-    order = list(root.walk())                       # children before parents
+    # children before parents, each value once: two equal nodes that are distinct objects share one adjoint,
+    # so they are one node here (the first, which precedes every parent of either)
+    order = list(dict.fromkeys(root.walk()))
     adjoint: dict[Node, Node] = {root: seed}
     wanted = set(leaves)
     for n in reversed(order):

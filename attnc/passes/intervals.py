@@ -18,7 +18,7 @@ from attnc.passes.sym import canonical
 INF = math.inf
 Interval = tuple[torch.Tensor, torch.Tensor]
 MONOTONE = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
-            Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: torch.nn.functional.softplus,
+            Op.TANH: torch.tanh, Op.ERF: torch.erf, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: torch.nn.functional.softplus,
             Op.RELU: torch.relu, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil}
 
 

@@ -9,8 +9,8 @@ import sympy
 from attnc.ir import expr as E
 from attnc.ir.expr import FLOAT, INT, Node, Op
 
-_FUNCS = {Op.EXP: sympy.exp, Op.LOG: sympy.log, Op.TANH: sympy.tanh}
-_BACK = {sympy.exp: Op.EXP, sympy.log: Op.LOG, sympy.tanh: Op.TANH}
+_FUNCS = {Op.EXP: sympy.exp, Op.LOG: sympy.log, Op.TANH: sympy.tanh, Op.ERF: sympy.erf}
+_BACK = {sympy.exp: Op.EXP, sympy.log: Op.LOG, sympy.tanh: Op.TANH, sympy.erf: Op.ERF}
 _ARITH = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b, Op.NEG: lambda a: -a}
 
 # What sympy is given to fold. Its integers are exact and unbounded, so 10 ** 10 ** 10 would run for hours;

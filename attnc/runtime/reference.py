@@ -25,7 +25,7 @@ _FN = {
     Op.AND: torch.logical_and, Op.OR: torch.logical_or, Op.NOT: torch.logical_not,
     Op.WHERE: torch.where,
     Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
-    Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: F.softplus,
+    Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.ERF: torch.erf, Op.SIGMOID: torch.sigmoid, Op.SOFTPLUS: F.softplus,
     Op.RELU: torch.relu, Op.ABS: torch.abs, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
     Op.MIN: torch.minimum, Op.MAX: torch.maximum,
 }
