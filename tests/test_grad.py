@@ -61,6 +61,8 @@ def check_grads(attn, shape, lse: bool, seed: int = 0):
     got = grads(attn, q, k, v, params, torch.float32, lse)
     for name, r in ref.items():
         assert got[name] is not None, f"no gradient for {name}"
+        if r is None:                  # the reference never reads it (a score without q.k): autograd's 0
+            r, eager[name] = (torch.zeros_like(got[name], dtype=torch.float64),) * 2
         assert got[name].dtype == (torch.float32 if name in "qkv" else params[name].dtype)
         err = (got[name].double() - r).abs().max().item()
         eager_err = (eager[name].double() - r).abs().max().item()
@@ -104,7 +106,18 @@ def test_gradcheck_in_float64(name):
 REPEATED = {"score_twice": "variant r\nscore = score + 0.5 * tanh(score)\n",
             "gelu": "variant r\nscore = 0.5 * score * (1 + erf(score * 0.7071067811865476))\n",
             "param_twice": "variant r\nparam t: f32[H]\nscore = score * t[h] + tanh(score * t[h])\n",
-            "index_twice": "variant r\nscore = score - 0.1 * abs(q_idx - kv_idx) + sigmoid(score - 0.1 * abs(q_idx - kv_idx))\n"}
+            "index_twice": "variant r\nscore = score - 0.1 * abs(q_idx - kv_idx) + sigmoid(score - 0.1 * abs(q_idx - kv_idx))\n",
+            # a param read per pair (the score) and per row (the sink): two kernels' parts of one gradient
+            "sink_and_score": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\n"
+                              "score = score + t[h]\nnorm = softmax(sink = t[h])\n",
+            # scores that read no q.k (dQ = dK = 0), are one value per row, or a constant
+            "no_logit": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\nscore = t[h] * 0.1 * kv_idx\n",
+            "per_row": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\nscore = t[h] - 0.1 * q_idx\n"
+                       "norm = sigmoid\n",
+            "per_row_temp": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\n"
+                            "score = (tanh(score) + 0.1 * q_idx) * ((0.3 + t[h]) - 0.1 * q_idx * score)\n",
+            "constant": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\nscore = erf(relu(score - score))\n"
+                        "norm = softmax(sink = t[h])\n"}
 
 
 @pytest.mark.parametrize("name", list(REPEATED))

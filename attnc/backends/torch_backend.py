@@ -412,7 +412,7 @@ class _Render:
             score_lines = self.assigns(self.lines["score"][0])
             s_var = self.lines["score"][1]["s"]
             if not plan.score.uses(Op.TENSOR, "qk"):       # a score that ignores q.k has a value per pair still
-                score_lines.append(("s", f"torch.as_tensor({s_var}, dtype=acc_dtype).expand_as(qk)"))
+                score_lines.append(("s", f"torch.as_tensor({s_var}, dtype=acc_dtype).expand_as(qk).contiguous()"))
             elif s_var != "s":
                 score_lines.append(("s", s_var))            # the score is the logit itself: one tile, two names
         score_wide = plan.score is not None and plan.score.uses(Op.TENSOR, "qk")
@@ -429,6 +429,14 @@ class _Render:
         # a running max of the score itself: partial tiles fill the score with -inf in place instead of a where
         premask = "s" if score_wide and plan.mask is not None and any(
             s.kind == "max" and s.value == value("s") for s in p.states) else None
+        # what holds a whole tile: the products, the score's tile, and every line that reads one of them
+        self.wide_vars = {"qk", "dp", "s"}
+        for n, e in self.lines["score"][0] if plan.score is not None else []:
+            if _reads(e) & self.wide_vars and score_wide:
+                self.wide_vars.add(n)
+        for n, e in self.lines[(i, "max")][0] + self.lines[(i, "values")][0]:
+            if _reads(e) & self.wide_vars:
+                self.wide_vars.add(n)
         # -- maxima --
         max_lines, max_names = self.lines[(i, "max")]
         max_text = self.assigns(max_lines)
@@ -456,7 +464,12 @@ class _Render:
         # -- per-pair values; temporaries nothing reads afterwards are overwritten in place --
         val_lines, val_names = self.lines[(i, "values")]
         target = Target(TABLE, leaf, load, INPLACE, custom=_clamped_exp({f"{s.name}_ref": s.value for s in p.maxes}))
-        tile_vars = {"s"} | {n for n, _ in self.lines["score"][0]} if score_wide else set()
+        tile_vars = set()               # the score's temporaries that hold a whole tile (not 0.1 * q_idx)
+        if score_wide:
+            tile_vars = {"s"}
+            for n, e in self.lines["score"][0]:
+                if _reads(e) & (tile_vars | {"qk"}):
+                    tile_vars.add(n)
         value_lines = self.donating(val_lines, val_names, tile_vars | {"dp"}, target, {n for n, _ in p.defs})
         updates = []
         alpha_of = {(m, c): a for a, m, c in p.alphas()}
@@ -515,11 +528,11 @@ class _Render:
         return fill.op is Op.CONST and fill.arg == 0
 
     def wide(self, var: str, v: Node, p, lines: list) -> str:
-        """The variable of a per-pair value; one that does not vary over the whole tile (it reads neither the
-        tile's products nor a definition of the pass) is expanded to it."""
-        if _reads(v) & ({"qk", "s", "dp"} | {n for n, _ in p.defs}):
+        """The variable of a per-pair value; one that does not vary over the whole tile (as printed, it reads
+        neither the tile's products nor a line that does: 0.1 * q_idx, a param's value per head) is expanded."""
+        if var in self.wide_vars:
             return var
-        lines.append((f"{var}_pairs", f"torch.as_tensor({var}, dtype=acc_dtype).expand_as(qk)"))
+        lines.append((f"{var}_pairs", f"torch.as_tensor({var}, dtype=acc_dtype).expand_as(qk).contiguous()"))
         return f"{var}_pairs"
 
     def donating(self, lines, names: dict, tile_vars: set[str], target: Target,
@@ -533,7 +546,13 @@ class _Render:
             later.append(set(reads_after))
             reads_after |= _reads(e)
         later.reverse()
-        fresh = set(tile_vars) | {n for n, e in lines if e.op in FRESH}
+        # a donor holds the whole tile already (an in-place result keeps its operand's shape): a line is
+        # one when it reads a tile product or another such line
+        wide = set(tile_vars) | TILE_PRODUCTS
+        for n, e in lines:
+            if _reads(e) & wide:
+                wide.add(n)
+        fresh = (set(tile_vars) | {n for n, e in lines if e.op in FRESH}) & wide
         out = []
         for (n, e), after in zip(lines, later):
             reads = Counter(s for x in e.walk() for s in x.src if s.op is Op.TENSOR)

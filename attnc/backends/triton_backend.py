@@ -588,7 +588,7 @@ class _Render:
         for full, lst, lo, hi in ((False, "IDX", "lo", "hi"), (True, "FULL_IDX", "full_lo", "full_hi")):
             stride = "stride_idx" if not full else "stride_full_idx"
             checks = f"{par_check}={par_check}, {loop_check}={'False' if full else loop_check}"
-            call = (f"{targets} = _{self.plan.name}_pass{r['number']}(" + ", ".join(args) +
+            call = (f"{targets + ' = ' if targets else ''}_{self.plan.name}_pass{r['number']}(" + ", ".join(args) +
                     f", {lst} + start * {stride}, {lo}, {hi}, IS_FULL={full}, {checks}, {const})")
             if not full and self.plan.mask is None:
                 out += [f"if {loop_check}:", "    " + call]

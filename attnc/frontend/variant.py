@@ -59,8 +59,10 @@ class Variant:
                 check_divisors(e, where)
 
     def key(self) -> str:
-        """A content hash: equal variants compile to the same kernels. Built without recursion."""
-        text = repr((self.name, E.fingerprint(self.score, self.mask, self.norm),
+        """A content hash: equal variants compile to the same kernels. Built without recursion. Every field a
+        backend reads is in it: the normalizer's kind (a softmax written out is not the builtin one) and the
+        file the kernel's header names."""
+        text = repr((self.name, E.fingerprint(self.score, self.mask, self.norm), self.norm_kind, self.file,
                      sorted(map(str, self.params.values())), sorted(self.consts.items())))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -130,7 +130,8 @@ def autodiff(fwd: Cascade, lse_grad: bool = False) -> Cascade:
     stat_read = {s.name: tensor(s.name) for s in stats}
 
     # -- the forward's tile computation, recomputed per tile --
-    b.add(qk.name, qk.ranks, qk.body, "qk", qk.reduce, qk.over)
+    if qk is not None:          # a score that does not read q.k (simplified away) passes q and k no gradient
+        b.add(qk.name, qk.ranks, qk.body, "qk", qk.reduce, qk.over)
     b.add(score.name, score.ranks, score.body, "score")
     if mask is not None:
         b.add(mask.name, mask.ranks, mask.body, "mask")
@@ -212,15 +213,18 @@ def autodiff(fwd: Cascade, lse_grad: bool = False) -> Cascade:
         else:
             ds = ds + g * E.where(E.make(Op.EQ, E.index("kv_idx"), _argmax(b, argmax, s, keep)), d, E.ZERO)
     DS = b.add("DS", ("b", "h", "m", "n"), keep(_guard_div(ds)), "ds")
-    dsdx = canonical(gradients(score.body, [tensor(qk.name)])[tensor(qk.name)] / SCALE)
-    DQK = b.add("DQK", ("b", "h", "m", "n"), DS * dsdx, "dqk")
-    b.add("DQ", ("b", "h", "m", "e"), DQK * tensor(Kn) * SCALE, "dq", "+", ("n",))
-    b.add("DK", ("b", "h", "n", "e"), DQK * tensor(Qn) * SCALE, "dk", "+", ("m",),
-          note="and over the query heads of a kv head")
+    if qk is not None:
+        dsdx = canonical(gradients(score.body, [tensor(qk.name)])[tensor(qk.name)] / SCALE)
+        DQK = b.add("DQK", ("b", "h", "m", "n"), DS * dsdx, "dqk")
+        b.add("DQ", ("b", "h", "m", "e"), DQK * tensor(Kn) * SCALE, "dq", "+", ("n",))
+        b.add("DK", ("b", "h", "n", "e"), DQK * tensor(Qn) * SCALE, "dk", "+", ("m",),
+              note="and over the query heads of a kv head")
+    else:
+        b.notes.append("the score does not read q.k: dQ and dK are 0")
     b.add("DV", ("b", "h", "n", "f"), P * tensor("dO"), "dv", "+", ("m",), note="and over the query heads of a kv head")
 
     # -- float params: every read's gradient, scattered to its index --
-    outputs = ["DQ", "DK", "DV"]
+    outputs = ["DQ", "DK", "DV"] if qk is not None else ["DV"]
     dscore = gradients(score.body, _float_loads(score.body, params))
     grads = []
     for x in loads + [x for x in dscore if x not in loads]:

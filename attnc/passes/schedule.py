@@ -68,17 +68,20 @@ def kernels(c: Cascade, split: bool) -> tuple[KernelSpec, ...]:
         return (_kernel(c, "forward", "m", set(c.outputs) | set(saved), list(c.outputs) + saved),)
     if not split:
         return (_kernel(c, "backward", "m", set(c.outputs), list(c.outputs)),)
-    dq, dk, dv = (c.role(r).name for r in ("dq", "dk", "dv"))
+    # dq and dk are absent where the score does not read q.k
+    dq, dk = ([c.role(r).name] if c.role(r) is not None else [] for r in ("dq", "dk"))
+    dv = c.role("dv").name
     row = [s.name for s in c.stmts if s.role in ROW_ROLES]
     row_grads = [s.name for s in c.stmts if s.role == "dparam" and "n" not in s.over]
     tile_grads = [s.name for s in c.stmts if s.role == "dparam" and "n" in s.over]
-    tile_need = _closure(c, {dq, dk, dv} | set(tile_grads), set(row))
+    tile_need = _closure(c, {*dq, *dk, dv} | set(tile_grads), set(row))
     given = {n for n in row if n in tile_need}
     out = []
     if given or row_grads:
         out.append(_kernel(c, "preprocess", "m", given | set(row_grads), sorted(given, key=row.index) + row_grads))
-    out.append(_kernel(c, "dq", "m", {dq} | set(tile_grads), [dq] + tile_grads, given))
-    out.append(_kernel(c, "dkdv", "n", {dk, dv}, [dk, dv], given))
+    if dq or tile_grads:
+        out.append(_kernel(c, "dq", "m", set(dq) | set(tile_grads), dq + tile_grads, given))
+    out.append(_kernel(c, "dkdv", "n", {*dk, dv}, dk + [dv], given))
     return tuple(out)
 
 

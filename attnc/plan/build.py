@@ -151,8 +151,8 @@ class _Builder:
             todo += s.reads()
         dots = [self.tile_dot(r) for r in ("qk", "dp") if self.c.role(r) is not None and
                 (self.c.role(r).name in need or r == "qk" and need)]
-        if not dots and roots:              # every pass computes the logit tile, if only for its shape
-            dots = [self.tile_dot("qk")]
+        if roots and not any(d.name == "qk" for d in dots):     # every pass computes the logit tile, if only
+            dots = [self.tile_dot("qk")] + dots                 # for its shape (a score that reads no q.k)
         defs = tuple((self.name(s.name), self.to_plan(s.body, self.refs(s))) for s in self.mine
                      if s.name in need and s.reduce is None and s.role not in ("score", "mask"))
         states, scatters, grads = [], [], []

@@ -53,6 +53,8 @@ def linearize(roots: list[Assign], bound: dict[Node, str], prefix: str) -> tuple
         if held is not None:                 # already computed, or a plain value: no line of its own
             out[name] = held
             alias[value(name, root.dtype)] = value(held, root.dtype)
+            if held != name:                 # and later regions that read it by name read the holder
+                names[value(name, root.dtype)] = held
             continue
         for n in root.walk():
             if n in names or not n.src or uses[n] < 2 or n is root:
@@ -62,7 +64,8 @@ def linearize(roots: list[Assign], bound: dict[Node, str], prefix: str) -> tuple
             lines.append((temp, named(n)))
             names[n] = temp
         lines.append((name, named(root)))
-        names[root] = name
+        if root.src:                         # a constant or an index stays itself: 0.0 elsewhere is not `s`
+            names[root] = name
         out[name] = name
     bound.update({n: v for n, v in names.items() if n not in bound})
     return lines, out
@@ -75,7 +78,8 @@ def cse(plan: KernelPlan) -> KernelPlan:
     tile = dict(top)
     if plan.score is not None:
         regions["score"] = linearize([("s", plan.score)], tile, "s")
-        tile[plan.score] = regions["score"][1]["s"]
+        if plan.score.src:
+            tile[plan.score] = regions["score"][1]["s"]
     if plan.mask is not None:
         regions["mask"] = linearize([("keep", plan.mask)], dict(top), "k")
     for i, p in enumerate(plan.passes, 1):

@@ -279,7 +279,8 @@ class Compiled:
         results: dict = {}
         for kernel in self._compiled(target, return_lse, True):
             got = self.launch(target, kernel, {**tensors, **results}, scale, params, sizes)
-            results.update(got)
+            for name, t in got.items():     # a param read per pair and per row: two kernels' parts, added
+                results[name] = results[name] + t if name.startswith("grad_") and name in results else t
         return results
 
     def launch(self, target: str, kernel: Kernel, tensors: dict, scale: float, params: dict, sizes: dict) -> dict:

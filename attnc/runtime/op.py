@@ -119,7 +119,9 @@ def attention_backward(key: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d
         rows = row_dtype(target, q.dtype)
         tensors["dLSE"] = q.new_zeros(q.shape[:3], dtype=rows) if dlse is None else dlse.to(rows).contiguous()
     res = compiled.backward(target, tensors, scale, named, compiled.sizes(q, k, named), return_lse)
-    grads = [res["dq"], res["dk"], res["dv"]] + [res[f"grad_{n}"].to(named[n].dtype) for n in grad_names]
+    zero = {"dq": q, "dk": k}           # a score that does not read q.k: no kernel computes these
+    grads = [res["dq"] if "dq" in res else torch.zeros_like(zero["dq"]),
+             res["dk"] if "dk" in res else torch.zeros_like(zero["dk"]), res["dv"]] + [res[f"grad_{n}"].to(named[n].dtype) for n in grad_names]
     return [g.contiguous() for g in grads]
 
 
