@@ -116,6 +116,7 @@ REPEATED = {"score_twice": "variant r\nscore = score + 0.5 * tanh(score)\n",
                        "norm = sigmoid\n",
             "per_row_temp": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\n"
                             "score = (tanh(score) + 0.1 * q_idx) * ((0.3 + t[h]) - 0.1 * q_idx * score)\n",
+            "floor": "variant r\nparam t: f32[H]\nscore = floor(score * 2) + t[h] * 0.1 * kv_idx\n",    # d/dq.k = 0
             "constant": "variant r\nparam t: f32[H]\nmask = q_idx + KV - Q >= kv_idx\nscore = erf(relu(score - score))\n"
                         "norm = softmax(sink = t[h])\n"}
 

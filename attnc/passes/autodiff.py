@@ -213,13 +213,16 @@ def autodiff(fwd: Cascade, lse_grad: bool = False) -> Cascade:
         else:
             ds = ds + g * E.where(E.make(Op.EQ, E.index("kv_idx"), _argmax(b, argmax, s, keep)), d, E.ZERO)
     DS = b.add("DS", ("b", "h", "m", "n"), keep(_guard_div(ds)), "ds")
+    dsdx = canonical(gradients(score.body, [tensor(qk.name)])[tensor(qk.name)] / SCALE) if qk is not None else None
+    if dsdx is not None and dsdx.op is Op.CONST and dsdx.arg == 0:
+        b.notes.append("the score's derivative by q.k is 0 (floor, sign): dQ and dK are 0")
+        qk = None
     if qk is not None:
-        dsdx = canonical(gradients(score.body, [tensor(qk.name)])[tensor(qk.name)] / SCALE)
         DQK = b.add("DQK", ("b", "h", "m", "n"), DS * dsdx, "dqk")
         b.add("DQ", ("b", "h", "m", "e"), DQK * tensor(Kn) * SCALE, "dq", "+", ("n",))
         b.add("DK", ("b", "h", "n", "e"), DQK * tensor(Qn) * SCALE, "dk", "+", ("m",),
               note="and over the query heads of a kv head")
-    else:
+    elif dsdx is None:
         b.notes.append("the score does not read q.k: dQ and dK are 0")
     b.add("DV", ("b", "h", "n", "f"), P * tensor("dO"), "dv", "+", ("m",), note="and over the query heads of a kv head")
 
