@@ -14,11 +14,12 @@ from torch.nn.attention import flex_attention as tf
 
 import attnc
 from attnc import flex
+from attnc.runtime.inputs import random_params
 
 try:
-    from helpers import generator
+    from helpers import example, generator
 except ImportError:
-    from tests.helpers import generator
+    from tests.helpers import example, generator
 
 
 @pytest.fixture(autouse=True)
@@ -458,3 +459,20 @@ def test_create_block_mask_computes_dq_write_order_like_torch():
     assert torch.equal(ours.dq_write_order, theirs.dq_write_order)
     assert torch.equal(ours.dq_write_order_full, theirs.dq_write_order_full)
     assert ours.dq_kv_order_spt == theirs.dq_kv_order_spt
+
+
+@pytest.mark.parametrize("name", ["alibi", "document", "t5_bias"])
+def test_flex_mods_run_under_flexattention(name):
+    # flex_mods are what the benchmarks hand FlexAttention: its vmap cannot read a tensor's value, so they
+    # index params as torch code does, with no call-time bounds check
+    attn = attnc.compile(example(name))
+    B, H, S, D = 1, 4, 80, 16
+    g = generator(3)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    params = random_params(attn, B, H, H, S, S, D, g)
+    score_mod, mask_mod = attn.flex_mods(sizes={"Q": S, "KV": S}, **params)
+    block_mask = tf.create_block_mask(mask_mod, B, H, S, S, device="cpu") if mask_mod else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # flex_attention uncompiled warns that it is unfused
+        want = tf.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    assert (attn(q, k, v, **params) - want).abs().max().item() < 1e-5

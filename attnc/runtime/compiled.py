@@ -165,7 +165,8 @@ class Compiled:
 
     def flex_mods(self, sizes: dict | None = None, **params):
         """(score_mod, mask_mod) with FlexAttention's signatures, evaluating this variant's expressions;
-        None for a part the variant does not have. sizes binds B, H, Q, KV, ... where the variant reads them."""
+        None for a part the variant does not have. sizes binds B, H, Q, KV, ... where the variant reads them.
+        They index params as torch code does (FlexAttention traces them: no call-time bounds check)."""
         from attnc.ir.expr import Op
         from attnc.runtime.reference import evaluate
         params = {**self.variant.captured, **params}
@@ -183,11 +184,12 @@ class Compiled:
         score_mod = None
         if v.score.op is not Op.SCORE:
             def score_mod(score, b, h, q_idx, kv_idx):
-                return evaluate(v.score, env(b, h, q_idx, kv_idx, score), params, score.dtype).to(score.dtype)
+                return evaluate(v.score, env(b, h, q_idx, kv_idx, score), params, score.dtype,
+                                check_reads=False).to(score.dtype)
         mask_mod = None
         if v.mask is not None:
             def mask_mod(b, h, q_idx, kv_idx):
-                return evaluate(v.mask, env(b, h, q_idx, kv_idx), params)
+                return evaluate(v.mask, env(b, h, q_idx, kv_idx), params, check_reads=False)
         return score_mod, mask_mod
 
     @property

@@ -32,9 +32,11 @@ _FN = {
 
 
 def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch.float64,
-             rows: dict | None = None) -> torch.Tensor:
+             rows: dict | None = None, check_reads: bool = True) -> torch.Tensor:
     """root over broadcastable index tensors in env ('b', 'h', 'q_idx', 'kv_idx', 'score', sizes).
-    rows: how to evaluate ROWMAX / ROWSUM (the reference passes a function), None where not allowed."""
+    rows: how to evaluate ROWMAX / ROWSUM (the reference passes a function), None where not allowed.
+    check_reads: a param read out of bounds is a CallError; off where the caller's code is traced (vmap and
+    torch.compile cannot read a tensor's value), which reads the params as plain torch indexing does."""
     memo: dict[Node, torch.Tensor] = {}
     for n in root.walk():
         if n in memo:
@@ -48,7 +50,7 @@ def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch
         elif op is Op.SCORE:
             val = env["score"]
         elif op is Op.LOAD:
-            val = _load(n, params[n.arg], [memo[s] for s in n.src])
+            val = _load(n, params[n.arg], [memo[s] for s in n.src], check_reads)
             val = val.to(dtype) if val.is_floating_point() else val
         elif op is Op.TOFLOAT:
             val = memo[n.src[0]].to(dtype)
@@ -64,12 +66,12 @@ def evaluate(root: Node, env: dict, params: dict[str, torch.Tensor], dtype=torch
     return memo[root]
 
 
-def _load(n: Node, t: torch.Tensor, index: list[torch.Tensor]) -> torch.Tensor:
+def _load(n: Node, t: torch.Tensor, index: list[torch.Tensor], check: bool = True) -> torch.Tensor:
     """t at the index tensors, or CallError where one leaves t: torch would wrap a negative index around."""
     idx = []
     for axis, i in enumerate(index):
         i = i.long()
-        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[axis]):
+        if check and i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[axis]):
             raise CallError(f"param '{n.arg}' would be read out of bounds: axis {axis} is indexed by "
                             f"{expr_text(n.src[axis])}, which reaches [{int(i.min())}, {int(i.max())}], but the "
                             f"tensor has {t.shape[axis]} entries there")
