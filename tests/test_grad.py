@@ -236,3 +236,17 @@ def test_the_backward_compiles_with_the_forward_so_errors_come_at_the_call():
     q, k, v = (torch.randn(1, 1, 5, 4, generator=generator(i)).requires_grad_() for i in range(3))
     out = attn(q, k, v)
     assert out.grad_fn is not None and math.isfinite(out.sum().item())
+
+
+# normalizers no example uses, under a mask, with the lse returned: the weights are the score itself
+# (linear), so on a full tile the masked weights and the score are one tensor, which the lse's term of
+# the backward may not overwrite
+PLAIN_NORMS = {n: f"variant p\nmask = q_idx + KV - Q >= kv_idx\nscore = score - 0.1 * kv_idx\nnorm = {n}\n"
+               for n in ("linear", "relu", "map(tanh(score))")}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="needs triton with TRITON_INTERPRET=1 or a GPU"))])
+@pytest.mark.parametrize("name", list(PLAIN_NORMS))
+def test_plain_normalizers_under_a_mask_with_the_lse(name, backend):
+    check_grads(attnc.compile(PLAIN_NORMS[name], backend=backend), SHAPES["square"], lse=True, seed=9)

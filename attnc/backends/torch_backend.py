@@ -75,7 +75,7 @@ def masked_where(n: Node, parts: list[str]) -> tuple[str, int] | None:
         return None
     x = n.src[1]
     if x.op in FRESH and not parts[1].isidentifier() and _reads(x) & TILE_PRODUCTS:
-        return f"({parts[1]} if drop is None else {parts[1]}.masked_fill_(drop, {parts[2]}))", ATOM
+        return f"({parts[1]} if drop is None else ({parts[1]}).masked_fill_(drop, {parts[2]}))", ATOM
     return f"masked({parts[1]}, keep, {parts[2]})", ATOM
 
 
@@ -553,6 +553,9 @@ class _Render:
             if _reads(e) & wide:
                 wide.add(n)
         fresh = (set(tile_vars) | {n for n, e in lines if e.op in FRESH}) & wide
+        # masked(x, keep, fill) is x itself on a full tile: x may not be overwritten while that alias lives
+        fresh -= {w.src[1].arg for _, e in lines for w in e.walk()
+                  if w.op is Op.WHERE and w.src[0] == KEEP and w.src[1].op is Op.TENSOR}
         out = []
         for (n, e), after in zip(lines, later):
             reads = Counter(s for x in e.walk() for s in x.src if s.op is Op.TENSOR)
