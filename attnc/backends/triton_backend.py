@@ -196,8 +196,16 @@ class _Render:
         return self.t.text(self.late_scaled(e) if self.late else e)
 
     def _score_factor(self) -> tuple[Node, Node] | None:
-        """(c, x) for a score c * x (or x * c) with a constant c > 0: the score line computes x."""
+        """(c, x) for a score c * x (or x * c) with a constant c > 0: the score line computes x. Only where
+        every reader of s is printed through text(), which multiplies c in: a state, scatter or gradient whose
+        value is s itself (linear weights) reads the variable s as it is, so then the score keeps c."""
         if self.plan.score is None or "score" not in self.lines or self.lines["score"][1].get("s") != "s":
+            return None
+        s = value("s")
+        plain = [st.value for p in self.plan.passes for st in p.states if st.kind != "max"]
+        plain += [x.value for p in self.plan.passes for x in (*p.scatters, *p.grads)]
+        plain += [e for p in self.plan.passes for _, e in p.defs]
+        if s in plain:
             return None
         e = dict(self.lines["score"][0]).get("s")
         if e is None or e.op is not Op.MUL:
