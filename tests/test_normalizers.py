@@ -22,6 +22,7 @@ SPECS = {
     # no row max subtracted: weights of order e^-100 are tiny, not zero
     "no_row_max": "variant c\nscore = score * 4 - 100\nnorm = exp(score) / rowsum(exp(score))\n",
     # the weights are the score c * x itself: the constant factor must reach them
+    "plain_linear": "variant c\nmask = q_idx >= kv_idx\nnorm = linear\n",     # the weights are the logit itself
     "scaled_linear": "variant c\nmask = q_idx >= kv_idx\nscore = 0.5 * score\nnorm = linear\n",
     "scaled_index": "variant c\nmask = kv_idx < 30\nscore = 0.1 * q_idx\nnorm = linear\n",
 }

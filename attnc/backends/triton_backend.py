@@ -184,8 +184,12 @@ class _Render:
         # factors applied where a value is read, not where it is made: the logit tile holds q.k times dot_scale
         # and every read multiplies by late_scale (see the pass); a score c * x with a constant c > 0 is kept
         # as x, every read times c. Either way a row max is taken before the factor (max(x) c = max(x c)).
+        # Only where every reader goes through text(), which multiplies the factor in: a state, scatter or
+        # gradient whose value is the logit or the score itself (linear weights) reads the variable as it is.
         self.late: dict[Node, Node] = {}
-        if any(d.scaled for p in plan.passes for d in p.dots):
+        self.late_logit = any(d.scaled for p in plan.passes for d in p.dots) and not (
+            {value("qk")} | ({value("s")} if s_var == "qk" else set())) & set(self._plain_reads())
+        if self.late_logit:
             self.late = {value(n): value("late_scale") for n in ("qk", "s") if n == "qk" or self.alias.get(n) == "qk"}
         self.score_factor = self._score_factor()
         if self.score_factor is not None:
@@ -195,17 +199,20 @@ class _Render:
     def text(self, e: Node) -> str:
         return self.t.text(self.late_scaled(e) if self.late else e)
 
+    def _plain_reads(self) -> list[Node]:
+        """The values states (but running maxima), scatters, gradients and definitions take: one that is a
+        variable itself is printed as that variable's name, not through text()."""
+        plain = [st.value for p in self.plan.passes for st in p.states if st.kind != "max"]
+        plain += [x.value for p in self.plan.passes for x in (*p.scatters, *p.grads)]
+        return plain + [e for p in self.plan.passes for _, e in p.defs]
+
     def _score_factor(self) -> tuple[Node, Node] | None:
         """(c, x) for a score c * x (or x * c) with a constant c > 0: the score line computes x. Only where
         every reader of s is printed through text(), which multiplies c in: a state, scatter or gradient whose
         value is s itself (linear weights) reads the variable s as it is, so then the score keeps c."""
         if self.plan.score is None or "score" not in self.lines or self.lines["score"][1].get("s") != "s":
             return None
-        s = value("s")
-        plain = [st.value for p in self.plan.passes for st in p.states if st.kind != "max"]
-        plain += [x.value for p in self.plan.passes for x in (*p.scatters, *p.grads)]
-        plain += [e for p in self.plan.passes for _, e in p.defs]
-        if s in plain:
+        if value("s") in self._plain_reads():
             return None
         e = dict(self.lines["score"][0]).get("s")
         if e is None or e.op is not Op.MUL:
@@ -351,7 +358,9 @@ class _Render:
             transposed[x.name] = as_b and not as_operand
             setup.append(self.step_pointers(x, transposed[x.name]))
             step_loads.append(self.load_line(x, "step", transposed[x.name]))
-        if any(d.scaled for d in p.dots):
+        if any(d.scaled for d in p.dots) and not self.late_logit:
+            setup += ["dot_scale = qk_scale  # the logit itself is read as the weights: scaled in the product"]
+        elif any(d.scaled for d in p.dots):
             setup += ["# the logit's scale: after the row max where it is positive (max(x) * c = max(x * c) for c > 0),",
                       "# so that each exponent takes it in its multiply-add; on the product itself otherwise",
                       "if POS_SCALE:", "    dot_scale, late_scale = 1.0, qk_scale", "else:",
